@@ -1,0 +1,286 @@
+"""``rscaption serve``: a long-lived backend process the QGIS plugin drives over stdin/stdout.
+
+Why a subprocess at all: QGIS's own Python rarely has torch, and a crash or out-of-memory in
+torch must not take the QGIS session down. The plugin starts ``python -m rscaption.worker`` with
+whatever environment the user pointed it to and speaks :mod:`rscaption.protocol` with it.
+
+Design points:
+
+* stdout carries protocol lines only. When serving the real stdout, file descriptor 1 is
+  re-pointed at stderr so a stray ``print`` or a C library writing to fd 1 cannot corrupt the
+  stream; logging goes to stderr.
+* stdin is read in its own thread so ``cancel`` (and ``shutdown``, and EOF when the plugin dies)
+  take effect between batches of a running job, not after it.
+* a heartbeat every few seconds lets the plugin tell "busy loading a model" from "hung".
+* loaded models are kept between requests, so a second caption run or a search does not pay the
+  model load again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+
+from . import __version__
+from .errors import RscaptionError
+from .protocol import PROTOCOL_VERSION, ProtocolError, clean_float, encode_message, parse_request
+
+log = logging.getLogger("rscaption.worker")
+
+_EOF = object()
+
+
+class _Writer:
+    """Serialises whole lines from several threads (job, heartbeat, reader) onto one stream."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def send(self, kind: str, **fields) -> None:
+        line = encode_message(kind, **fields)
+        with self._lock:
+            if self.broken:
+                return
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                # The plugin went away; nothing left to tell. The reader sees EOF and stops us.
+                self.broken = True
+
+
+class Worker:
+    def __init__(self, stdin, writer: _Writer, device=None, heartbeat_s: float = 2.0):
+        self.stdin = stdin
+        self.out = writer
+        self.requested_device = device
+        self.heartbeat_s = heartbeat_s
+        self.jobs: queue.Queue = queue.Queue()
+        self.cancel_event = threading.Event()
+        self.stop_event = threading.Event()
+        self._models: dict = {}
+
+    # -- threads -------------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                line = self.stdin.readline()
+            except (OSError, ValueError):
+                line = ""
+            if not line:
+                # The plugin closed our stdin (or died): finish the current batch and leave.
+                self.cancel_event.set()
+                self.stop_event.set()
+                self.jobs.put(_EOF)
+                return
+            if not line.strip():
+                continue
+            try:
+                req = parse_request(line)
+            except ProtocolError as exc:
+                self.out.send("error", message=f"bad request: {exc}", kind="protocol")
+                continue
+            if req["cmd"] == "cancel":
+                log.info("cancel requested")
+                self.cancel_event.set()
+            elif req["cmd"] == "shutdown":
+                self.cancel_event.set()
+                self.stop_event.set()
+                self.jobs.put(_EOF)
+                return
+            else:
+                self.jobs.put(req)
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stop_event.wait(self.heartbeat_s):
+            self.out.send("heartbeat", time=time.time())
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        reader = threading.Thread(target=self._read_loop, name="rscaption-stdin", daemon=True)
+        beat = threading.Thread(target=self._heartbeat_loop, name="rscaption-heartbeat", daemon=True)
+        reader.start()
+        beat.start()
+        self._hello()
+        while True:
+            req = self.jobs.get()
+            if req is _EOF or self.stop_event.is_set():
+                break
+            # A cancel that arrived while idle must not kill the next job.
+            self.cancel_event.clear()
+            self._dispatch(req)
+        self.stop_event.set()
+        return 0
+
+    def _hello(self) -> None:
+        info = {"torch": None, "device": None}
+        try:
+            import torch
+
+            from .device import pick_device
+
+            info["torch"] = torch.__version__
+            info["device"] = str(pick_device(self.requested_device))
+        except RscaptionError as exc:
+            info["device_error"] = str(exc)
+        except Exception as exc:  # torch missing or broken: still answer, the plugin shows why
+            info["torch_error"] = f"{type(exc).__name__}: {exc}"
+        self.out.send(
+            "hello",
+            version=__version__,
+            protocol=PROTOCOL_VERSION,
+            python=sys.version.split()[0],
+            executable=sys.executable,
+            pid=os.getpid(),
+            **info,
+        )
+
+    def _dispatch(self, req: dict) -> None:
+        cmd = req["cmd"]
+        started = time.time()
+        try:
+            handler = getattr(self, f"_do_{cmd}")
+            summary = handler(req)
+            summary = dict(summary or {})
+            summary.setdefault("seconds", round(time.time() - started, 3))
+            self.out.send("done", cmd=cmd, summary=summary)
+        except RscaptionError as exc:
+            log.info("%s failed: %s", cmd, exc)
+            kind = "cancelled" if type(exc).__name__ == "Cancelled" else "user"
+            self.out.send("error", cmd=cmd, message=str(exc), kind=kind)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            self.out.send("error", cmd=cmd, message=f"{type(exc).__name__}: {exc}", kind="internal")
+
+    # -- model cache ----------------------------------------------------------------------------
+    def _model(self, name, device):
+        from .models import load_model
+
+        key = (name or "default", device or self.requested_device)
+        if key not in self._models:
+            self._models.clear()  # one model at a time: they can be large
+            log.info("loading model %s on %s", key[0], key[1] or "auto")
+            self._models[key] = load_model(key[0], device=key[1])
+        return self._models[key]
+
+    # -- commands -------------------------------------------------------------------------------
+    def _do_caption(self, req: dict) -> dict:
+        from .pipeline import caption_raster
+        from .tiling import TilingParams
+
+        tiling_kwargs = {}
+        for key in ("tile_size", "overlap", "bands", "target_resolution"):
+            if req.get(key) is not None:
+                tiling_kwargs[key] = req[key]
+        if req.get("extent") is not None:
+            tiling_kwargs["extent"] = tuple(float(v) for v in req["extent"])
+        tiling = TilingParams(**tiling_kwargs)
+        device = req.get("device") or self.requested_device
+        model = self._model(req.get("model"), device)
+        self.out.send("log", message=f"model {getattr(model, 'model_id', req.get('model'))} loaded")
+
+        def on_progress(done, total, records):
+            ids = [str(getattr(r, "tile_id", r)) for r in (records or [])]
+            if ids:
+                self.out.send("tiles", tile_ids=ids)
+            self.out.send("progress", done=int(done), total=int(total))
+
+        summary = caption_raster(
+            req["raster"],
+            req["out"],
+            model=model,
+            tiling=tiling,
+            batch_size=req.get("batch_size") or 8,
+            device=device,
+            beam_size=req.get("beam_size") or 1,
+            on_progress=on_progress,
+            should_cancel=self.cancel_event.is_set,
+            resume=True if req.get("resume") is None else bool(req["resume"]),
+            overwrite=bool(req.get("overwrite")),
+        )
+        return _summary_dict(summary)
+
+    def _do_search(self, req: dict) -> dict:
+        from .search import search_store
+
+        model = None
+        if req.get("model"):
+            model = self._model(req["model"], req.get("device"))
+        hits = search_store(req["gpkg"], req["query"], k=req.get("k") or 10, model=model)
+        rows = [
+            {
+                "tile_id": str(h.tile_id), "row": int(h.row), "col": int(h.col),
+                "score": clean_float(h.score), "caption": h.caption,
+            }
+            for h in hits
+        ]
+        self.out.send("result", cmd="search", hits=rows)
+        return {"count": len(rows)}
+
+    def _do_info(self, req: dict) -> dict:
+        import torch
+
+        from .device import available_devices
+
+        info = {"version": __version__, "torch": torch.__version__, "devices": available_devices()}
+        if req.get("model"):
+            model = self._model(req["model"], req.get("device"))
+            info.update(
+                model_id=getattr(model, "model_id", None),
+                model_hash=getattr(model, "model_hash", None),
+                card=getattr(model, "card", None),
+                device=str(getattr(model, "device", "")) or None,
+            )
+        self.out.send("result", cmd="info", **info)
+        return {}
+
+
+def _summary_dict(summary) -> dict:
+    if dataclasses.is_dataclass(summary):
+        data = dataclasses.asdict(summary)
+    elif isinstance(summary, dict):
+        data = dict(summary)
+    else:
+        data = dict(vars(summary))
+    return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in data.items()}
+
+
+def _protocol_stdout():
+    """Keep a private handle on the real stdout for protocol lines and point fd 1 at stderr."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(fd, "w", encoding="utf-8", buffering=1, newline="\n")
+
+
+def serve(stdin=None, stdout=None, device=None, heartbeat_s: float = 2.0) -> int:
+    """Answer requests from ``stdin`` until shutdown or EOF. Returns the process exit code."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="rscaption-worker %(levelname)s %(message)s")
+    if stdin is None or stdin is sys.stdin:
+        stdin = sys.stdin
+    if stdout is None or stdout is sys.stdout or stdout is sys.__stdout__:
+        stdout = _protocol_stdout()
+    return Worker(stdin, _Writer(stdout), device=device, heartbeat_s=heartbeat_s).run()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rscaption serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=os.environ.get("RSCAPTION_DEVICE") or None)
+    parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
+    args = parser.parse_args(argv)
+    return serve(device=args.device, heartbeat_s=args.heartbeat)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
