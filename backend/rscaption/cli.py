@@ -1,0 +1,208 @@
+"""`rscaption` command line: caption, search, info, train, evaluate, serve.
+
+User mistakes (missing files, bad options, unknown models) print one line on stderr and exit 2;
+a cancel (Ctrl-C) exits 130 and says how much finished work was kept. Heavy imports (torch) happen
+inside the subcommands so `rscaption --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import RscaptionError
+
+EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated band numbers like 1,2,3, got {text!r}")
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError("band numbers start at 1")
+    return vals
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _add_caption(sub):
+    p = sub.add_parser("caption", help="caption the tiles of a raster into a searchable GeoPackage")
+    p.add_argument("raster")
+    p.add_argument("-o", "--output", required=True, help="output GeoPackage (.gpkg)")
+    p.add_argument("--model", default="default", help="'default', a checkpoint directory or a hub name")
+    p.add_argument("--tile-size", type=_positive, default=None, help="tile size in pixels (default: the model's)")
+    p.add_argument("--overlap", type=int, default=0, help="overlap between tiles in pixels")
+    p.add_argument("--bands", type=_csv_ints, default=None, help="1-based bands, e.g. 1,2,3 (default: RGB)")
+    p.add_argument("--extent", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"),
+                   help="only tile this extent (in the raster's CRS)")
+    p.add_argument("--resolution", type=float, default=None,
+                   help="resample to this ground resolution (raster CRS units per pixel)")
+    p.add_argument("--nodata-threshold", type=float, default=0.95,
+                   help="skip tiles with at least this fraction of nodata (default 0.95)")
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--beam-size", type=_positive, default=None, help="beam width (default: the model's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    g.add_argument("--no-resume", action="store_true", help="fail if the output exists instead of resuming")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_caption)
+
+
+def cmd_caption(args) -> int:
+    from .models.registry import load_model
+    from .pipeline import caption_raster
+    from .tiling import TilingParams
+
+    if not os.path.exists(args.raster):
+        raise RscaptionError(f"raster not found: {args.raster}")
+    if not args.output.lower().endswith(".gpkg"):
+        raise RscaptionError(f"the output must be a .gpkg file, got {args.output}")
+    cap = load_model(args.model, device=args.device)
+    card = cap.card or {}
+    tile_size = args.tile_size or int(card.get("tile_size") or 256)
+    if not 0 <= args.overlap < tile_size:
+        raise RscaptionError(f"--overlap must be between 0 and tile size - 1 ({tile_size - 1})")
+    tiling = TilingParams(tile_size=tile_size, overlap=args.overlap, bands=args.bands,
+                          extent=tuple(args.extent) if args.extent else None,
+                          target_resolution=args.resolution, nodata_threshold=args.nodata_threshold)
+    beam = args.beam_size or int(card.get("beam_size") or 1)
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="tile", file=sys.stderr, desc="captioning", dynamic_ncols=True)
+
+    def progress(done, total, _records):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        summary = caption_raster(args.raster, args.output, model=cap, tiling=tiling,
+                                 batch_size=args.batch_size, beam_size=beam, on_progress=progress,
+                                 resume=not args.no_resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print(f"rscaption: cancelled; finished tiles are kept in {args.output} (run again to resume)",
+              file=sys.stderr)
+        return EXIT_CANCELLED
+    if bar is not None:
+        bar.close()
+    print(summary.one_line(), file=sys.stderr)
+    return 0
+
+
+def _add_search(sub):
+    p = sub.add_parser("search", help="rank the tiles of a captioned GeoPackage by a text query")
+    p.add_argument("gpkg")
+    p.add_argument("query")
+    p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
+    p.add_argument("--model", default=None, help="override the model recorded in the file (hash must match)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from .search import search_store
+
+    hits = search_store(args.gpkg, args.query, k=args.k, model=args.model, device=args.device)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=1))
+    else:
+        print(f"{'rank':>4} {'score':>7} {'tile':>6} {'row':>4} {'col':>4}  caption")
+        for i, h in enumerate(hits, 1):
+            print(f"{i:>4} {h.score:7.4f} {h.tile_id:>6} {h.row:>4} {h.col:>4}  {h.caption}")
+    return 0
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="print a model card")
+    p.add_argument("model", nargs="?", default="default")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from .models.registry import load_model
+
+    cap = load_model(args.model, device="cpu")
+    if args.json:
+        print(json.dumps({"model_id": cap.model_id, "model_hash": cap.model_hash, "card": cap.card}, indent=1))
+    else:
+        from .models.registry import describe_model
+        print(describe_model(cap))
+    return 0
+
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="newline-delimited JSON worker on stdin/stdout (used by the QGIS plugin)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from .worker import serve
+
+    return serve(sys.stdin, sys.stdout) or 0
+
+
+def _add_lazy(sub, name, module, help_text):
+    """train/evaluate live in their own packages; import them only when asked for."""
+    p = sub.add_parser(name, help=help_text)
+    try:
+        mod = __import__(f"rscaption.{module}", fromlist=["x"])
+    except ImportError as e:  # optional training extras missing
+        p.set_defaults(func=lambda a, e=e: _missing(name, e))
+        return
+    adder = getattr(mod, "add_train_args" if name == "train" else "add_evaluate_args")
+    runner = getattr(mod, "run_train" if name == "train" else "run_evaluate")
+    adder(p)
+    p.set_defaults(func=runner)
+
+
+def _missing(name, err) -> int:
+    raise RscaptionError(f"'rscaption {name}' is unavailable: {err}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rscaption", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"rscaption {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_caption(sub)
+    _add_search(sub)
+    _add_info(sub)
+    _add_lazy(sub, "train", "training.runner", "train a model from a config file")
+    _add_lazy(sub, "evaluate", "evaluation.evaluate", "score a model on a captioning dataset")
+    _add_serve(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RscaptionError as e:
+        print(f"rscaption: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("rscaption: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The tile pipeline: raster -> tiles -> batches -> embeddings + captions -> GeoPackage.
+
+Every finished batch is committed to the output before the next one starts, so a cancel, a crash
+or a killed process keeps everything finished so far, and a second run with the same raster,
+tiling and model resumes where the first stopped (tiles are keyed by raster fingerprint, source
+window, output size and model hash).  The in-process plugin task, the subprocess worker and the
+CLI all run this one function.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import Cancelled, StoreError
+from .gpkg import TileRecord, TileStore
+from .tiling import RasterTiler, Tile, TilingParams
+
+ProgressFn = Callable[[int, int, list], None]
+CancelFn = Callable[[], bool]
+
+# Files above this size are fingerprinted by size + mtime + sampled blocks rather than a full hash,
+# so opening a multi-GB mosaic does not cost a full read before the first tile.
+_FULL_HASH_LIMIT = 256 * 1024 * 1024
+
+
+@dataclass
+class RunSummary:
+    total: int
+    written: int
+    skipped_nodata: int
+    resumed: int
+    cancelled: bool
+    seconds: float
+    out_path: str
+    model_id: str
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def one_line(self) -> str:
+        state = "cancelled" if self.cancelled else "done"
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        return (f"{state}: {self.written} tiles captioned, {self.resumed} resumed, "
+                f"{self.skipped_nodata} skipped as nodata, of {self.total} "
+                f"in {self.seconds:.1f} s ({rate:.2f} tiles/s, {self.device}) -> {self.out_path}")
+
+
+def raster_fingerprint(path: str) -> dict:
+    """Identify the source raster cheaply but reliably enough to refuse resuming on a changed file."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if st.st_size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            method = "sha256"
+        else:
+            for i in range(16):
+                f.seek(st.st_size * i // 16)
+                h.update(f.read(1 << 16))
+            h.update(str(st.st_size).encode())
+            method = "sha256-sampled+size"
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime,
+            "checksum": h.hexdigest(), "checksum_method": method}
+
+
+def tile_key(fingerprint: str, tile: Tile, tile_size: int, model_hash: str) -> str:
+    c, r, w, hgt = tile.window
+    return f"{fingerprint[:16]}/{c},{r},{w},{hgt}/{tile_size}/{model_hash[:16]}"
+
+
+def _resolve_model(model, device):
+    if isinstance(model, (str, os.PathLike)):
+        from .models.registry import load_model
+        return load_model(str(model), device=device)
+    return model
+
+
+def default_tiling_for(cap) -> TilingParams:
+    """The tile size the model was trained for, so a new user gets sensible tiles with no flags."""
+    card = getattr(cap, "card", {}) or {}
+    return TilingParams(tile_size=int(card.get("tile_size") or 256))
+
+
+def _batches(tiler: RasterTiler, tiles: Sequence[Tile], batch_size: int,
+             counts: dict) -> Iterator[list[tuple[Tile, np.ndarray, float]]]:
+    """Read tiles in a background thread one batch ahead: rasterio releases the GIL while decoding,
+    so reading overlaps with the model instead of adding to it."""
+
+    def read_batch(chunk):
+        out = []
+        for t in chunk:
+            img = tiler.read(t)
+            if img is None:
+                counts["skipped"] += 1
+            else:
+                out.append((t, img.array, img.valid_fraction))
+        return out
+
+    chunks = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(read_batch, chunks[0])
+        for nxt in chunks[1:] + [None]:
+            batch = fut.result()
+            if nxt is not None:
+                fut = pool.submit(read_batch, nxt)
+            yield batch
+
+
+def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: TilingParams | None = None,
+                   batch_size: int = 8, device: str | None = None, beam_size: int = 1,
+                   on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+                   resume: bool = True, overwrite: bool = False,
+                   max_new_tokens: int = 30) -> RunSummary:
+    """Caption every (non-nodata) tile of a raster into a searchable GeoPackage."""
+    t0 = time.perf_counter()
+    cap = _resolve_model(model, device)
+    tiling = tiling or default_tiling_for(cap)
+    fp = raster_fingerprint(raster_path)
+    model_hash = cap.model_hash
+    model_id = cap.model_id
+
+    with RasterTiler(raster_path, tiling) as tiler:
+        tiles = tiler.plan()
+        store = _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name=str(cap.device))
+        try:
+            done = store.done_keys()
+            keys = {t.tile_id: tile_key(fp["checksum"], t, tiling.tile_size, model_hash) for t in tiles}
+            todo = [t for t in tiles if keys[t.tile_id] not in done]
+            resumed = len(tiles) - len(todo)
+            counts = {"skipped": 0}
+            written = 0
+            cancelled = False
+            total = len(tiles)
+            if on_progress:
+                on_progress(resumed, total, [])
+            for batch in _batches(tiler, todo, batch_size, counts):
+                if should_cancel and should_cancel():
+                    cancelled = True
+                    break
+                records = []
+                if batch:
+                    emb = cap.embed_images([a for _, a, _ in batch])
+                    caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens)
+                    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                    for (t, _, vf), e, (text, conf) in zip(batch, emb, caps):
+                        records.append(TileRecord(
+                            tile_id=t.tile_id, row=t.row, col=t.col, polygon=t.polygon, caption=text,
+                            confidence=float(conf), embedding=np.asarray(e, dtype=np.float32),
+                            key=keys[t.tile_id], model=model_id, created=now, window=t.window,
+                            valid_fraction=float(vf)))
+                    store.add(records)
+                    written += len(records)
+                if on_progress:
+                    on_progress(resumed + written + counts["skipped"], total, records)
+            summary = RunSummary(total=total, written=written, skipped_nodata=counts["skipped"],
+                                 resumed=resumed, cancelled=cancelled,
+                                 seconds=time.perf_counter() - t0, out_path=os.path.abspath(out_gpkg),
+                                 model_id=model_id, device=str(cap.device))
+            store.set_metadata({"last_run": summary.to_dict(),
+                                "finished": None if cancelled else _now()})
+        finally:
+            store.close()
+    return summary
+
+
+def _embed_dim(cap) -> int:
+    dim = getattr(cap, "embed_dim", None) or (cap.card or {}).get("embed_dim")
+    return int(dim)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name) -> TileStore:
+    meta = {
+        "source_raster": fp,
+        "model": {"id": cap.model_id, "hash": cap.model_hash, "card": cap.card},
+        "tiling": tiler.describe(),
+        "tiling_params": tiling.to_dict(),
+        "software": {"name": "rscaption", "version": __version__},
+        "started": _now(),
+        "device": device_name,
+    }
+    if os.path.exists(out_gpkg) and not overwrite:
+        if not resume:
+            raise StoreError(f"{out_gpkg} exists; pass --overwrite to replace it or --resume to continue it")
+        store = TileStore.open(out_gpkg)
+        old = store.metadata()
+        problems = []
+        if old.get("model", {}).get("hash") != cap.model_hash:
+            problems.append("a different model")
+        if old.get("source_raster", {}).get("checksum") != fp["checksum"]:
+            problems.append("a different raster")
+        if old.get("tiling_params") and old["tiling_params"] != tiling.to_dict():
+            problems.append("different tiling parameters")
+        if problems:
+            store.close()
+            raise StoreError(f"{out_gpkg} was written from {' and '.join(problems)}; "
+                             "choose another output or pass --overwrite")
+        store.set_metadata({"resumed": _now()})
+        return store
+    if os.path.exists(out_gpkg):
+        os.remove(out_gpkg)
+    return TileStore.create(out_gpkg, tiler.crs_wkt, tiler.epsg, embed_dim=_embed_dim(cap), metadata=meta)
+
+
+__all__ = ["caption_raster", "RunSummary", "raster_fingerprint", "tile_key", "default_tiling_for", "Cancelled"]

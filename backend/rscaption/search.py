@@ -1,0 +1,89 @@
+"""Text search over a captioned GeoPackage.
+
+Search needs only the text tower of the model that made the stored image embeddings, so the model
+is taken from the file's metadata and its hash is checked: ranking embeddings from one model
+against a query embedded by another gives confident nonsense, which is worse than an error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import ModelError, StoreError
+from .gpkg import TileStore
+
+
+@dataclass
+class SearchHit:
+    tile_id: int
+    row: int
+    col: int
+    score: float
+    caption: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rank(query_embedding: np.ndarray, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine ranking; embeddings are stored L2-normalised so this is a dot product.
+    Ties break by position (tile_id order) so rankings are reproducible across reopenings."""
+    q = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
+    scores = embeddings.astype(np.float32) @ q
+    order = np.lexsort((np.arange(len(scores)), -scores))[: max(0, k)]
+    return order, scores[order]
+
+
+def model_for_store(store: TileStore, model=None, device=None):
+    """The model recorded in the store, or an explicit one whose hash matches."""
+    from .models.registry import load_model
+
+    meta = store.metadata().get("model", {})
+    want_hash = meta.get("hash")
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        cap = model
+    else:
+        candidates = [str(model)] if model is not None else [meta.get("id"), "default"]
+        cap, errors = None, []
+        for name in [c for c in candidates if c]:
+            try:
+                cap = load_model(name, device=device)
+            except ModelError as e:
+                errors.append(str(e))
+                continue
+            if model is None and want_hash and cap.model_hash != want_hash:
+                errors.append(f"model '{name}' has hash {cap.model_hash[:12]}, the file needs {want_hash[:12]}")
+                cap = None
+                continue
+            break
+        if cap is None:
+            raise ModelError(f"cannot load the model that made {store.path} ({meta.get('id')}): "
+                             + "; ".join(errors) + ". Pass --model with that checkpoint")
+    if want_hash and cap.model_hash != want_hash:
+        raise StoreError(f"{store.path} was made by model {meta.get('id')} ({want_hash[:12]}), "
+                         f"not {cap.model_id} ({cap.model_hash[:12]}); its embeddings are not comparable")
+    return cap
+
+
+def search_store(gpkg_path: str, query: str, k: int = 10, model=None, device=None) -> list[SearchHit]:
+    if not query or not query.strip():
+        raise StoreError("the search query is empty")
+    if not os.path.exists(gpkg_path):
+        raise StoreError(f"{gpkg_path} does not exist")
+    with TileStore.open(gpkg_path) as store:
+        tile_ids, emb = store.embeddings()
+        if len(tile_ids) == 0:
+            return []
+        cap = model_for_store(store, model, device)
+        q = cap.embed_texts([query.strip()])[0]
+        order, scores = rank(q, emb, k)
+        attrs = {t["tile_id"]: t for t in store.tiles()}
+    hits = []
+    for i, s in zip(order, scores):
+        t = attrs.get(int(tile_ids[i]), {})
+        hits.append(SearchHit(tile_id=int(tile_ids[i]), row=int(t.get("row", -1)), col=int(t.get("col", -1)),
+                              score=float(s), caption=str(t.get("caption", ""))))
+    return hits
