@@ -1,0 +1,167 @@
+"""Stage 2: LiT-style contrastive training of the image tower's last blocks and both projections.
+
+Runs on cached trunk activations (``features.cache_trunk``) and cached frozen MiniLM sentence
+features, so an epoch costs only the fine-tuned head. Two losses:
+
+* a multi-positive InfoNCE between image and caption embeddings. UCM captions are templates, so
+  the same sentence often belongs to several images in a batch; counting every image that owns a
+  sentence as a positive (instead of treating duplicates as negatives) keeps the loss honest.
+* scene classification *through the text tower*: logits are the image embedding against the
+  embeddings of class prompts ("an aerial image of a dense residential area"). This is the
+  auxiliary class head, and it needs no extra weights: zero-shot prompt classification at
+  evaluation time is exactly the trained classifier.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROMPT_TEMPLATE = "an aerial image of a {}."
+
+
+def class_prompts(phrases, template: str = PROMPT_TEMPLATE) -> list[str]:
+    return [template.format(p) for p in phrases]
+
+
+@torch.no_grad()
+def text_features(encoder, texts, batch_size: int = 256) -> torch.Tensor:
+    """Frozen MiniLM features (before projection) of ``texts``; computed once per run."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        out.append(encoder.text_features(texts[i:i + batch_size]).float())
+    return torch.cat(out) if out else torch.zeros(0, encoder.text_proj.in_features)
+
+
+def _multi_positive_nce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """-log of the softmax mass on all positives, averaged over rows."""
+    logp = logits.log_softmax(dim=-1)
+    return -(torch.logsumexp(logp.masked_fill(~pos, -1e4), dim=-1)).mean()
+
+
+class HeadTrainer:
+    """Fine-tunes ``SplitTower`` head blocks + image/text projections on cached activations."""
+
+    def __init__(self, encoder, tower, n_classes: int, prompt_feats: torch.Tensor, cfg: dict):
+        self.enc = encoder
+        self.tower = tower
+        self.cfg = cfg
+        self.prompt_feats = prompt_feats
+        head_params = [p for m in tower.head_modules() for p in m.parameters()]
+        proj_params = list(encoder.image_proj.parameters()) + list(encoder.text_proj.parameters()) + [encoder.logit_scale]
+        for p in head_params + proj_params:
+            p.requires_grad_(True)
+        self.params = head_params + proj_params
+        self.opt = torch.optim.AdamW([
+            {"params": head_params, "lr": float(cfg.get("lr_tower", 3e-4))},
+            {"params": proj_params, "lr": float(cfg.get("lr_proj", 1e-3))},
+        ], weight_decay=float(cfg.get("weight_decay", 0.05)))
+        self.cls_weight = float(cfg.get("class_loss_weight", 1.0))
+        self.nce_weight = float(cfg.get("contrastive_loss_weight", 1.0))
+        self.label_smoothing = float(cfg.get("label_smoothing", 0.1))
+
+    def _set_mode(self, train: bool):
+        # BatchNorm statistics stay frozen (eval) even while training: batches are small and the
+        # exported tower must behave exactly as it did when evaluated.
+        for m in self.tower.head_modules():
+            m.eval()
+        self.enc.text_tower.eval()
+
+    def embed(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.enc.image_proj(self.tower.head(h.float())), dim=-1)
+
+    def class_logits(self, img_emb: torch.Tensor) -> torch.Tensor:
+        txt = F.normalize(self.enc.text_proj(self.prompt_feats), dim=-1)
+        return self.enc.logit_scale.exp().clamp(max=100) * img_emb @ txt.T
+
+    def step(self, h, labels, cap_feats, pos_mask) -> dict:
+        self._set_mode(True)
+        img = self.embed(h)
+        txt = F.normalize(self.enc.text_proj(cap_feats), dim=-1)
+        scale = self.enc.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.T
+        nce = 0.5 * (_multi_positive_nce(logits, pos_mask) + _multi_positive_nce(logits.T, pos_mask.T))
+        cls = F.cross_entropy(self.class_logits(img), labels, label_smoothing=self.label_smoothing)
+        loss = self.nce_weight * nce + self.cls_weight * cls
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return {"loss": float(loss), "nce": float(nce), "cls": float(cls)}
+
+    @torch.no_grad()
+    def embed_all(self, trunk: np.ndarray, batch_size: int = 128) -> torch.Tensor:
+        """Embeddings of cached activations ``[N, V, C, H, W]`` -> ``[N, V, D]``."""
+        self._set_mode(False)
+        n, v = trunk.shape[:2]
+        flat = trunk.reshape(n * v, *trunk.shape[2:])
+        out = [self.embed(torch.from_numpy(flat[i:i + batch_size])) for i in range(0, n * v, batch_size)]
+        return torch.cat(out).reshape(n, v, -1)
+
+    @torch.no_grad()
+    def accuracy(self, trunk: np.ndarray, labels) -> float:
+        emb = self.embed_all(trunk)[:, 0]
+        pred = self.class_logits(emb).argmax(-1).numpy()
+        return float(100.0 * np.mean(pred == np.asarray(labels)))
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, caption_ids: list[list[int]],
+               caption_feats: torch.Tensor, cfg: dict, rng: np.random.Generator, log=None,
+               val=None, start_epoch: int = 0, on_epoch_end=None) -> list[dict]:
+    """Epochs over (image, view) pairs with one random caption each.
+
+    ``caption_ids[i]`` are indices into ``caption_feats`` of image i's captions (deduplicated
+    sentences share an index, which is what makes the multi-positive mask exact).
+    """
+    from tqdm import tqdm
+
+    n, v = trunk.shape[:2]
+    bs = int(cfg.get("batch_size", 64))
+    epochs = int(cfg.get("epochs", 8))
+    steps_per_epoch = (n * v) // bs
+    total = epochs * steps_per_epoch
+    warmup = int(cfg.get("warmup_steps", 20))
+    base = [g["lr"] for g in trainer.opt.param_groups]
+    cap_sets = [set(c) for c in caption_ids]
+    history = []
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        order = rng.permutation(n * v)
+        sums = {"loss": 0.0, "nce": 0.0, "cls": 0.0}
+        bar = tqdm(range(steps_per_epoch), desc=f"contrastive {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        for s in bar:
+            step = epoch * steps_per_epoch + s
+            for g, b in zip(trainer.opt.param_groups, base):
+                g["lr"] = b * cosine_lr(step, total, warmup)
+            idx = order[s * bs:(s + 1) * bs]
+            ii, vv = idx // v, idx % v
+            h = torch.from_numpy(trunk[ii, vv])
+            caps = [int(rng.choice(caption_ids[i])) for i in ii]
+            pos = torch.tensor([[c in cap_sets[i] for c in caps] for i in ii])
+            m = trainer.step(h, labels_t[ii], caption_feats[caps], pos)
+            for k in sums:
+                sums[k] += m[k]
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+        rec = {"stage": "contrastive", "epoch": epoch + 1, "seconds": round(time.time() - t0, 1)}
+        rec.update({k: round(val_ / steps_per_epoch, 4) for k, val_ in sums.items()})
+        if val is not None:
+            rec["val_accuracy"] = round(trainer.accuracy(*val), 2)
+        history.append(rec)
+        if log:
+            log(rec)
+        if on_epoch_end:
+            on_epoch_end(epoch + 1)
+    return history

@@ -1,0 +1,136 @@
+"""Stages 1 and 3: a small BPE tokenizer and a small GPT-2 trained on caption text.
+
+Remote-sensing captions use a few thousand words; GPT-2's 50k-token vocabulary would make the
+embedding and output layers most of the model. A byte-level BPE trained on the captions (about
+2k tokens) keeps the LM small enough to train on two CPU cores in minutes and still never
+produces an unknown token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts, vocab_size: int = 2000, out_dir: Path | None = None):
+    """Byte-level BPE on caption text, wrapped as a transformers fast tokenizer (bos = eos = pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=2, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
+                                   unk_token=EOS, model_max_length=64)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def encode_captions(tokenizer, texts, max_len: int = 40) -> list[list[int]]:
+    """Token ids of each caption followed by EOS (the stop signal the captioner generates)."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        out.append(ids[: max_len - 1] + [eos])
+    return out
+
+
+def pad_batch(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def build_lm(tokenizer, cfg: dict):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=int(cfg.get("n_positions", 64)),
+        n_embd=int(cfg.get("n_embd", 256)), n_layer=int(cfg.get("n_layer", 4)),
+        n_head=int(cfg.get("n_head", 4)), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=float(cfg.get("dropout", 0.1)), embd_pdrop=float(cfg.get("dropout", 0.1)),
+        attn_pdrop=float(cfg.get("dropout", 0.1)), tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def lm_loss(lm, ids: torch.Tensor, mask: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Next-token loss of ``[BOS] caption EOS``; BOS stands in for the image prefix during
+    pretraining so the LM learns to start a caption from a 'context' position."""
+    bos = torch.full((ids.shape[0], 1), bos_id, dtype=torch.long)
+    inp = torch.cat([bos, ids], 1)
+    att = torch.cat([torch.ones_like(bos), mask], 1)
+    labels = torch.cat([torch.full_like(bos, -100), ids.masked_fill(mask == 0, -100)], 1)
+    return lm(input_ids=inp, attention_mask=att, labels=labels).loss
+
+
+def pretrain_lm(lm, tokenizer, texts, cfg: dict, rng: np.random.Generator, log=None, state=None) -> list[dict]:
+    """Budgeted pretraining (``max_steps`` and/or ``max_minutes``): on CPU the useful thing is a
+    fixed time budget, not a number of epochs."""
+    from tqdm import tqdm
+
+    seqs = encode_captions(tokenizer, texts, int(cfg.get("max_len", 40)))
+    bs = int(cfg.get("batch_size", 128))
+    max_steps = int(cfg.get("max_steps", 1000))
+    max_sec = float(cfg.get("max_minutes", 1e9)) * 60
+    warmup = int(cfg.get("warmup_steps", 50))
+    opt = torch.optim.AdamW(lm.parameters(), lr=float(cfg.get("lr", 1e-3)), weight_decay=0.01)
+    lm.train()
+    t0 = time.time()
+    history, run, n_run = [], 0.0, 0
+    steps_per_epoch = max(1, len(seqs) // bs)
+    order = rng.permutation(len(seqs))
+    log_every = int(cfg.get("log_every", 100))
+    bar = tqdm(range(max_steps), desc="lm", dynamic_ncols=True)
+    for step in bar:
+        if step and step % steps_per_epoch == 0:
+            order = rng.permutation(len(seqs))
+        lr = float(cfg.get("lr", 1e-3)) * (min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        j = step % steps_per_epoch
+        batch = [seqs[k] for k in order[j * bs:(j + 1) * bs]]
+        ids, mask = pad_batch(batch, tokenizer.pad_token_id)
+        loss = lm_loss(lm, ids, mask, tokenizer.bos_token_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        run += float(loss)
+        n_run += 1
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        last = step + 1 == max_steps or time.time() - t0 > max_sec
+        if (step + 1) % log_every == 0 or last:
+            rec = {"stage": "lm", "step": step + 1, "loss": round(run / n_run, 4),
+                   "seconds": round(time.time() - t0, 1)}
+            history.append(rec)
+            if log:
+                log(rec)
+            run, n_run = 0.0, 0
+        if last:
+            break
+    bar.close()
+    lm.eval()
+    return history

@@ -1,0 +1,102 @@
+"""Stage 4: train the image-embedding -> LM-prefix mapping on cached image embeddings.
+
+The encoder is frozen here, so every (image, view) embedding is computed once after stage 2 and
+an epoch is only mapping + LM. The LM can stay frozen (pure ClipCap) or be fine-tuned with a
+lower learning rate; ``lm_lr: 0`` freezes it. An optional RS-CapRet-style retrieval term pulls the
+prefix (mean-pooled, projected back to the embedding space) towards its own image embedding so the
+prefix keeps image identity rather than collapsing onto a class-average.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .contrastive import cosine_lr
+from .lm import pad_batch
+
+
+def prefix_caption_loss(mapping, lm, emb: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced next-token loss of ``[prefix] caption EOS``; prefix positions carry no loss."""
+    prefix = mapping(emb)  # [B, P, n_embd]
+    tok = lm.transformer.wte(ids)
+    inputs = torch.cat([prefix.to(tok.dtype), tok], 1)
+    p = prefix.shape[1]
+    att = torch.cat([torch.ones(ids.shape[0], p, dtype=mask.dtype), mask], 1)
+    labels = torch.cat([torch.full((ids.shape[0], p), -100, dtype=torch.long), ids.masked_fill(mask == 0, -100)], 1)
+    return lm(inputs_embeds=inputs, attention_mask=att, labels=labels).loss
+
+
+def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list[int]]], pad_id: int,
+                  cfg: dict, rng: np.random.Generator, log=None, start_epoch: int = 0, on_epoch_end=None,
+                  val_fn=None, loss_fn=None) -> list[dict]:
+    """``emb`` is ``[N, V, D]`` (views of each image); every sample is one view + one random caption.
+
+    ``loss_fn(emb, ids, mask)`` defaults to :func:`prefix_caption_loss`; the runner passes
+    ``Captioner.caption_loss`` so training and decoding share one definition of the prefix layout.
+    """
+    if loss_fn is None:
+        def loss_fn(e, ids, mask):
+            return prefix_caption_loss(mapping, lm, e, ids, mask)
+    from tqdm import tqdm
+
+    n, v = emb.shape[:2]
+    bs = int(cfg.get("batch_size", 64))
+    epochs = int(cfg.get("epochs", 10))
+    steps_per_epoch = max(1, (n * v) // bs)
+    total = epochs * steps_per_epoch
+    lm_lr = float(cfg.get("lm_lr", 1e-4))
+    groups = [{"params": list(mapping.parameters()), "lr": float(cfg.get("lr", 1e-3))}]
+    if lm_lr > 0:
+        lm.requires_grad_(True)
+        groups.append({"params": list(lm.parameters()), "lr": lm_lr})
+    else:
+        lm.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, weight_decay=float(cfg.get("weight_decay", 0.01)))
+    base = [g["lr"] for g in opt.param_groups]
+    warmup = int(cfg.get("warmup_steps", 30))
+    noise = float(cfg.get("embedding_noise", 0.0))
+    history = []
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        mapping.train()
+        lm.train() if lm_lr > 0 else lm.eval()
+        order = rng.permutation(n * v)
+        tot = 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"mapping {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        for s in bar:
+            step = epoch * steps_per_epoch + s
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * cosine_lr(step, total, warmup)
+            idx = order[s * bs:(s + 1) * bs]
+            ii, vv = idx // v, idx % v
+            e = emb[ii, vv]
+            if noise > 0:  # a little noise makes the prefix robust to embeddings of unseen tiles
+                e = F.normalize(e + noise * torch.randn_like(e), dim=-1)
+            seqs = [seqs_per_image[i][int(rng.integers(len(seqs_per_image[i])))] for i in ii]
+            ids, mask = pad_batch(seqs, pad_id)
+            loss = loss_fn(e, ids, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            opt.step()
+            tot += float(loss.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        rec = {"stage": "mapping", "epoch": epoch + 1, "loss": round(tot / steps_per_epoch, 4),
+               "seconds": round(time.time() - t0, 1)}
+        mapping.eval()
+        lm.eval()
+        if val_fn is not None:
+            rec.update(val_fn())
+        history.append(rec)
+        if log:
+            log(rec)
+        if on_epoch_end:
+            on_epoch_end(epoch + 1)
+    mapping.eval()
+    lm.eval()
+    lm.requires_grad_(False)
+    return history

@@ -1,0 +1,567 @@
+"""``rscaption train CONFIG``: a seeded, resumable, staged training run.
+
+Stages (each usable alone with ``--stages``, each leaving its result in the run dir):
+
+1. ``tokenizer``  byte-level BPE on the LM corpus (``tokenizer/``)
+2. ``lm``         small GPT-2 pretrained on caption text, UCM val never included (``lm/``)
+3. ``features``   frozen trunk activations for every (train image, dihedral view) (``runs/cache``)
+4. ``contrastive``LiT training of the last image blocks + projections, scene loss via class
+                  prompts (``contrastive/``; per-epoch checkpoints)
+5. ``embed``      image embeddings of every cached view with the trained tower (``embeddings.pt``)
+6. ``mapping``    prefix mapping (+ LM fine-tuning) on those embeddings (``mapping/``)
+7. ``export``     the checkpoint directory (``model/``, copied to ``export.dir`` if set)
+8. ``evaluate``   the exported model on the val split with ``rscaption evaluate`` (``eval.json``)
+
+A run dir holds ``config.json`` (the resolved config), ``log.jsonl`` (one JSON object per epoch or
+logging step) and per-stage state. ``--resume`` skips finished stages and continues an interrupted
+stage from its last epoch; without it an existing run dir with progress is refused rather than
+silently overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RscaptionError
+
+STAGES = ("tokenizer", "lm", "features", "contrastive", "embed", "mapping", "export", "evaluate")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class TrainError(RscaptionError):
+    """A training config is invalid or a run dir is in a state the command cannot continue from."""
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+def load_config(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"training config not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        cfg = yaml.safe_load(text)
+    else:
+        cfg = json.loads(text)
+    if not isinstance(cfg, dict):
+        raise TrainError(f"{path}: a training config must be a mapping")
+    cfg["_config_path"] = str(path.resolve())
+    return cfg
+
+
+def resolve_path(p, cfg: dict) -> str | None:
+    """Relative paths are tried from the working dir, then from the repo root (configs use
+    ``../shared/data/...``, which is relative to the repo root)."""
+    if p is None:
+        return None
+    p = Path(os.path.expanduser(str(p)))
+    if p.is_absolute():
+        return str(p)
+    if p.exists():
+        return str(p.resolve())
+    base = Path(cfg.get("_config_path", ".")).parent.parent
+    cand = (base / p)
+    return str(cand.resolve()) if cand.exists() else str((REPO_ROOT / p).resolve())
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+class Run:
+    """Run dir bookkeeping: stage markers, the JSONL log, and timing."""
+
+    def __init__(self, cfg: dict, out: Path, resume: bool):
+        self.cfg = cfg
+        self.dir = Path(out)
+        self.resume = resume
+        if self.dir.exists() and (self.dir / "state.json").exists() and not resume:
+            raise TrainError(f"run dir {self.dir} already has progress; pass --resume to continue it "
+                             "or --out for a new run")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": {}}
+        (self.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        self.log_path = self.dir / "log.jsonl"
+        self.cache_dir = Path(resolve_path(cfg.get("cache_dir", "runs/cache"), cfg))
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["done"]
+
+    def mark(self, stage: str, info: dict) -> None:
+        self.state["done"][stage] = info
+        self.save_state()
+
+    def save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        os.replace(tmp, self.state_path)
+
+    def log(self, rec: dict) -> None:
+        rec = {"time": round(time.time(), 1), **rec}
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+        print(json.dumps(rec, default=str), file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# stage helpers
+
+
+def _data(run: Run):
+    from .datasets import load_dataset
+
+    d = run.cfg["data"]
+    ds = load_dataset(resolve_path(d["captions"], run.cfg), images_dir=resolve_path(d.get("images"), run.cfg),
+                      check=False)
+    train = ds.split(d.get("train_split", "train"))
+    val = ds.split(d.get("val_split", "val"))
+    if d.get("limit_train"):
+        train = train.limit(int(d["limit_train"]))
+    if d.get("limit_val"):
+        val = val.limit(int(d["limit_val"]))
+    from .datasets import check_images
+
+    check_images(train.records + val.records, what=d["captions"])
+    return ds, train, val
+
+
+def _corpus(run: Run) -> list[str]:
+    from .datasets import caption_corpus
+
+    sources = [{**s, "path": resolve_path(s["path"], run.cfg)} for s in run.cfg.get("lm_corpus", [])]
+    if not sources:
+        d = run.cfg["data"]
+        sources = [{"path": resolve_path(d["captions"], run.cfg), "splits": [d.get("train_split", "train")]}]
+    texts = caption_corpus(sources)
+    if not texts:
+        raise TrainError("the LM corpus is empty")
+    return texts
+
+
+def _encoder(run: Run):
+    from ..models.encoders import lit_from_pretrained_parts
+
+    e = run.cfg.get("encoder", {})
+    weights = e.get("image_weights", "package")
+    return lit_from_pretrained_parts(embed_dim=int(e.get("embed_dim", 256)), image_size=int(e.get("image_size", 256)),
+                                     timm_name=e.get("timm_name", "efficientnet_lite0"), image_weights=weights)
+
+
+def _trunk_dir(run: Run, split: str, enc, views) -> Path:
+    """Caches are keyed by content (images, views, split point, preprocessing) so runs share them."""
+    import hashlib
+
+    e = run.cfg.get("encoder", {})
+    key = json.dumps({"data": run.cfg["data"], "split": split, "views": list(views),
+                      "cut": int(e.get("cache_split", 5)), "pp": enc.preprocess,
+                      "timm": e.get("timm_name", "efficientnet_lite0"), "w": e.get("image_weights", "package")},
+                     sort_keys=True, default=str)
+    return run.cache_dir / f"trunk_{split}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _views(run: Run):
+    e = run.cfg.get("encoder", {})
+    return list(e.get("train_views", [0, 1, 4, 6])), [0]
+
+
+def _load_trunks(run: Run, enc, train, val):
+    tv, vv = _views(run)
+    tr = np.load(_trunk_dir(run, "train", enc, tv) / "trunk.npy", mmap_mode="r")
+    va = np.load(_trunk_dir(run, "val", enc, vv) / "trunk.npy", mmap_mode="r")
+    if tr.shape[0] != len(train.records) or va.shape[0] != len(val.records):
+        raise TrainError("cached features do not match the dataset; rerun the features stage")
+    return tr, va
+
+
+def _tower(run: Run, enc):
+    from .features import SplitTower
+
+    return SplitTower(enc.image_tower, int(run.cfg.get("encoder", {}).get("cache_split", 5)))
+
+
+def _unique_captions(records):
+    """Deduplicated normalised sentences + per-image indices (see contrastive multi-positives)."""
+    from .datasets import normalize_caption
+
+    index: dict[str, int] = {}
+    per_image = []
+    for r in records:
+        ids = []
+        for c in r.captions:
+            t = normalize_caption(c)
+            if t not in index:
+                index[t] = len(index)
+            ids.append(index[t])
+        per_image.append(sorted(set(ids)))
+    return list(index), per_image
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_tokenizer(run: Run, rng):
+    from .lm import train_tokenizer
+
+    texts = _corpus(run)
+    tok = train_tokenizer(texts, int(run.cfg.get("tokenizer", {}).get("vocab_size", 2000)), run.dir / "tokenizer")
+    info = {"vocab_size": len(tok), "corpus_captions": len(texts)}
+    run.log({"stage": "tokenizer", **info})
+    return info
+
+
+def stage_lm(run: Run, rng):
+    import torch
+
+    from .lm import build_lm, load_tokenizer, pretrain_lm
+
+    tok = load_tokenizer(run.dir / "tokenizer")
+    cfg = run.cfg.get("lm", {})
+    lm = build_lm(tok, cfg)
+    texts = _corpus(run)
+    hist = pretrain_lm(lm, tok, texts, cfg, rng, log=run.log)
+    lm.save_pretrained(str(run.dir / "lm"))
+    return {"params": sum(p.numel() for p in lm.parameters()), "final_loss": hist[-1]["loss"] if hist else None,
+            "seconds": hist[-1]["seconds"] if hist else 0}
+
+
+def stage_features(run: Run, rng):
+    import torch
+
+    from .features import cache_trunk
+
+    enc = _encoder(run)
+    _, train, val = _data(run)
+    tv, vv = _views(run)
+    cut = int(run.cfg.get("encoder", {}).get("cache_split", 5))
+    bs = int(run.cfg.get("encoder", {}).get("cache_batch_size", 32))
+    info = {}
+    for split, recs, views in (("val", val.records, vv), ("train", train.records, tv)):
+        with torch.no_grad():
+            r = cache_trunk(enc, recs, views, cut, _trunk_dir(run, split, enc, views), bs)
+        info[split] = r
+        run.log({"stage": "features", "split": split, "images": len(recs), "views": len(views), **r})
+    return info
+
+
+def _prompt_texts(run: Run, ds):
+    from .contrastive import PROMPT_TEMPLATE, class_prompts
+
+    phrases = ds.class_phrases or ds.classes
+    if not phrases:
+        raise TrainError("the dataset has no scene classes; set contrastive.class_loss_weight: 0")
+    return class_prompts(phrases, run.cfg.get("contrastive", {}).get("prompt_template", PROMPT_TEMPLATE))
+
+
+def stage_contrastive(run: Run, rng):
+    import torch
+
+    from .contrastive import HeadTrainer, text_features, train_head
+
+    ds, train, val = _data(run)
+    enc = _encoder(run)
+    tower = _tower(run, enc)
+    tr, va = _load_trunks(run, enc, train, val)
+    cdir = run.dir / "contrastive"
+    cdir.mkdir(exist_ok=True)
+    feats_path = cdir / "text_features.pt"
+    texts, cap_ids = _unique_captions(train.records)
+    prompts = _prompt_texts(run, ds)
+    if feats_path.exists():
+        tf = torch.load(feats_path)
+    else:
+        t0 = time.time()
+        tf = {"captions": text_features(enc, texts), "prompts": text_features(enc, prompts)}
+        torch.save(tf, feats_path)
+        run.log({"stage": "contrastive", "text_features": len(texts), "seconds": round(time.time() - t0, 1)})
+    cfg = run.cfg.get("contrastive", {})
+    trainer = HeadTrainer(enc, tower, len(prompts), tf["prompts"], cfg)
+    start = 0
+    ck = cdir / "last.pt"
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        enc.load_trainable(st["encoder"])
+        trainer.opt.load_state_dict(st["opt"])
+        rng.bit_generator.state = st["rng"]
+        start = st["epoch"]
+
+    def save(epoch):
+        torch.save({"encoder": enc.trainable_state(), "opt": trainer.opt.state_dict(), "epoch": epoch,
+                    "rng": rng.bit_generator.state}, cdir / "last.tmp")
+        os.replace(cdir / "last.tmp", ck)
+
+    labels = np.array([r.label for r in train.records])
+    val_labels = np.array([r.label for r in val.records])
+    hist = train_head(trainer, tr, labels, cap_ids, tf["captions"], cfg, rng, log=run.log,
+                      val=(va, val_labels), start_epoch=start, on_epoch_end=save)
+    acc = hist[-1]["val_accuracy"] if hist else None
+    return {"epochs": int(cfg.get("epochs", 8)), "val_accuracy": acc}
+
+
+def _trained_encoder(run: Run):
+    import torch
+
+    enc = _encoder(run)
+    st = torch.load(run.dir / "contrastive" / "last.pt", weights_only=False)
+    enc.load_trainable(st["encoder"])
+    return enc.eval()
+
+
+def stage_embed(run: Run, rng):
+    import torch
+
+    from .contrastive import HeadTrainer
+
+    _, train, val = _data(run)
+    enc = _trained_encoder(run)
+    tower = _tower(run, enc)
+    tr, va = _load_trunks(run, enc, train, val)
+    tf = torch.load(run.dir / "contrastive" / "text_features.pt")
+    trainer = HeadTrainer(enc, tower, 0, tf["prompts"], run.cfg.get("contrastive", {}))
+    t0 = time.time()
+    emb = {"train": trainer.embed_all(tr), "val": trainer.embed_all(va)}
+    torch.save(emb, run.dir / "embeddings.pt")
+    info = {"train": list(emb["train"].shape), "val": list(emb["val"].shape), "seconds": round(time.time() - t0, 1)}
+    run.log({"stage": "embed", **info})
+    return info
+
+
+def _captioner(run: Run, enc=None, lm=None, mapping=None):
+    from transformers import GPT2LMHeadModel
+
+    from ..models.captioner import Captioner
+    from ..models.mapping import build_mapping
+    from .lm import load_tokenizer
+
+    tok = load_tokenizer(run.dir / "tokenizer")
+    enc = enc if enc is not None else _trained_encoder(run)
+    lm = lm if lm is not None else GPT2LMHeadModel.from_pretrained(str(run.dir / "lm")).eval()
+    if mapping is None:
+        m = dict(run.cfg.get("mapping", {}).get("module", {"kind": "mlp", "prefix_length": 4}))
+        m.setdefault("kind", "mlp")
+        mapping = build_mapping({**m, "embed_dim": enc.embed_dim, "lm_hidden": lm.config.n_embd})
+    cap = Captioner(enc, mapping, lm, tok, card=_card(run), model_id=run.cfg.get("name", "run"),
+                    storage_dtype=run.cfg.get("export", {}).get("storage_dtype", "float16"))
+    cap.train(False)
+    return cap
+
+
+def _card(run: Run) -> dict:
+    card = dict(run.cfg.get("export", {}).get("card", {}))
+    card.setdefault("tile_size", int(run.cfg.get("encoder", {}).get("image_size", 256)))
+    card.setdefault("training_config", run.cfg.get("name", Path(run.cfg.get("_config_path", "run")).stem))
+    ds = run.cfg["data"]
+    card.setdefault("trained_on", Path(str(ds["captions"])).parent.name)
+    return card
+
+
+def _quick_val(cap, val_emb, val_records, beam: int = 1) -> dict:
+    """Fast val scores during training (python tokenizer, no METEOR): for picking epochs only."""
+    from ..evaluation.metrics import score_captions
+
+    caps = cap.caption(val_emb.numpy(), beam_size=beam)
+    cands = {r.image_id: c for r, (c, _) in zip(val_records, caps)}
+    refs = {r.image_id: r.captions for r in val_records}
+    s = score_captions(cands, refs, meteor=False, use_java=False)
+    return {"val_CIDEr": round(s["CIDEr-D"], 3), "val_BLEU-4": round(s["BLEU-4"], 3)}
+
+
+def stage_mapping(run: Run, rng):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from .datasets import normalize_caption
+    from .mapping_stage import train_mapping
+
+    _, train, val = _data(run)
+    cap = _captioner(run)
+    emb = torch.load(run.dir / "embeddings.pt")
+    mdir = run.dir / "mapping"
+    mdir.mkdir(exist_ok=True)
+    cfg = run.cfg.get("mapping", {})
+    seqs = []
+    for r in train.records:
+        ids, mask = cap.tokenize_captions([normalize_caption(c) for c in r.captions])
+        seqs.append([row[: int(m.sum())].tolist() for row, m in zip(ids, mask)])
+    start = 0
+    ck = mdir / "last.pt"
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        cap.mapping.load_state_dict(st["mapping"])
+        cap.lm.load_state_dict(st["lm"])
+        rng.bit_generator.state = st["rng"]
+        start = st["epoch"]
+
+    def save(epoch):
+        torch.save({"mapping": cap.mapping.state_dict(), "lm": cap.lm.state_dict(), "epoch": epoch,
+                    "rng": rng.bit_generator.state}, mdir / "last.tmp")
+        os.replace(mdir / "last.tmp", ck)
+
+    every = int(cfg.get("val_every", 0))
+    epochs = int(cfg.get("epochs", 10))
+    counter = {"e": start}
+
+    def val_fn():
+        counter["e"] += 1
+        if every and (counter["e"] % every == 0 or counter["e"] == epochs):
+            return _quick_val(cap, emb["val"][:, 0], val.records)
+        return {}
+
+    hist = train_mapping(cap.mapping, cap.lm, emb["train"], seqs, cap.tokenizer.pad_token_id, cfg, rng,
+                         log=run.log, start_epoch=start, on_epoch_end=save, val_fn=val_fn,
+                         loss_fn=cap.caption_loss)
+    return {"epochs": epochs, "final_loss": hist[-1]["loss"] if hist else None,
+            **({k: v for k, v in hist[-1].items() if k.startswith("val_")} if hist else {})}
+
+
+def stage_export(run: Run, rng):
+    import torch
+
+    cap = _captioner(run)
+    st = torch.load(run.dir / "mapping" / "last.pt", weights_only=False)
+    cap.mapping.load_state_dict(st["mapping"])
+    cap.lm.load_state_dict(st["lm"])
+    model_dir = run.dir / "model"
+    cap.save(model_dir)
+    info = {"model_dir": str(model_dir), "model_hash": cap.model_hash, "bytes": _du(model_dir)}
+    target = run.cfg.get("export", {}).get("dir")
+    if target and not run.cfg.get("_no_export_copy"):
+        target = Path(resolve_path(target, run.cfg))
+        _copy_model(model_dir, target)
+        info["exported_to"] = str(target)
+    run.log({"stage": "export", **info})
+    return info
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    """Replace the checkpoint files in ``dst`` but keep files that are not part of a checkpoint
+    (``MODEL_CARD.md``, ``eval.json``)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "encoder.safetensors", "mapping.safetensors", "lm", "tokenizer", "text_tower", "encoder"):
+        p = dst / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    for item in src.iterdir():
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+def stage_evaluate(run: Run, rng):
+    from ..evaluation.evaluate import evaluate_model
+
+    d = run.cfg["data"]
+    e = run.cfg.get("evaluate", {})
+    report = evaluate_model(str(run.dir / "model"), resolve_path(d["captions"], run.cfg),
+                            split=d.get("val_split", "val"), images=resolve_path(d.get("images"), run.cfg),
+                            beam_size=int(e.get("beam_size", 3)), length_penalty=float(e.get("length_penalty", 1.0)),
+                            limit=d.get("limit_val"), meteor=bool(e.get("meteor", True)))
+    (run.dir / "eval.json").write_text(json.dumps(report, indent=2))
+    summary = {k: report["captioning"].get(k) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")}
+    summary["accuracy"] = report.get("classification", {}).get("accuracy")
+    summary["t2i_mR"] = report.get("retrieval", {}).get("t2i_mR")
+    run.log({"stage": "evaluate", **summary})
+    return summary
+
+
+STAGE_FUNCS = {"tokenizer": stage_tokenizer, "lm": stage_lm, "features": stage_features,
+               "contrastive": stage_contrastive, "embed": stage_embed, "mapping": stage_mapping,
+               "export": stage_export, "evaluate": stage_evaluate}
+
+
+def train(cfg: dict, out=None, resume: bool = False, stages=None, progress: bool = True) -> dict:
+    """Run (or continue) the configured stages; returns the state with per-stage results."""
+    import torch
+
+    if not progress:
+        os.environ["TQDM_DISABLE"] = "1"
+    threads = cfg.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out or resolve_path(cfg.get("out", f"runs/{cfg.get('name', 'run')}"), cfg))
+    run = Run(cfg, out, resume)
+    wanted = list(stages or cfg.get("stages") or STAGES)
+    bad = [s for s in wanted if s not in STAGE_FUNCS]
+    if bad:
+        raise TrainError(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
+    seed = int(cfg.get("seed", 0))
+    t_all = time.time()
+    for i, stage in enumerate(STAGES):
+        if stage not in wanted:
+            continue
+        if run.done(stage) and not (stages and stage in stages):
+            continue
+        rng = seed_everything(seed + i)
+        t0 = time.time()
+        run.log({"stage": stage, "event": "start"})
+        info = STAGE_FUNCS[stage](run, rng) or {}
+        info["stage_seconds"] = round(time.time() - t0, 1)
+        run.mark(stage, info)
+        run.log({"stage": stage, "event": "done", **info})
+    run.state["total_seconds_this_invocation"] = round(time.time() - t_all, 1)
+    run.save_state()
+    return run.state
+
+
+# --------------------------------------------------------------------------------------------
+# CLI hooks
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("config", help="run config (YAML or JSON), e.g. configs/default.yaml")
+    parser.add_argument("--out", help="run directory (default: the config's 'out', else runs/<name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
+    parser.add_argument("--stages", nargs="+", metavar="STAGE",
+                        help=f"run only these stages (rerun if already done): {' '.join(STAGES)}")
+    parser.add_argument("--no-export", action="store_true", help="do not copy the model to the config's export dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def run_train(args) -> int:
+    try:
+        cfg = load_config(args.config)
+        if getattr(args, "no_export", False):
+            cfg["_no_export_copy"] = True
+        state = train(cfg, args.out, args.resume, args.stages, progress=not getattr(args, "no_progress", False))
+    except RscaptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in state.get("done", {}).items()}, indent=2, default=str))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="rscaption train", description="Train a captioner (staged, resumable).")
+    add_train_args(p)
+    return run_train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
