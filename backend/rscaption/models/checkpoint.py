@@ -1,0 +1,198 @@
+"""Checkpoint directory format (format `rscaption-captioner`, version 1).
+
+```
+config.json            format, version, storage_dtype, encoder / mapping / lm / tokenizer configs, card
+encoder.safetensors    encoder weights (open_clip model, or lit image tower + projections)
+encoder/               transformers CLIP dir (hf_clip encoders only)
+text_tower/            lit text tower + tokenizer when not taken from the installed package
+mapping.safetensors    the prefix mapper
+lm/                    the causal LM (transformers save_pretrained, safetensors)
+tokenizer/             the caption tokenizer (transformers save_pretrained)
+```
+
+Only safetensors and JSON/text files: opening a checkpoint never unpickles anything. Weights may
+be stored as fp16 (`storage_dtype`) to keep the shipped default small; they are read back as fp32.
+An encoder or LM may instead reference public weights by name (`"weights": "hub"` / `"name"`),
+which then needs the network or a warm Hugging Face cache.
+
+`model_hash` = sha256 over config.json and every *.safetensors file (paths included, sorted),
+so it identifies exactly the numbers that produce the embeddings stored in a GeoPackage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .captioner import Captioner
+from .encoders import build_encoder, save_hf_model
+from .mapping import build_mapping
+from .weights import load_into, load_state, quiet_loading, save_state, storage_dtype
+
+FORMAT = "rscaption-captioner"
+VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def is_checkpoint_dir(path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (ValueError, OSError):
+        return False
+
+
+def hash_dir(directory) -> str:
+    directory = Path(directory)
+    files = [directory / "config.json"] + sorted(directory.rglob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(directory).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def hash_unsaved(cap: Captioner) -> str:
+    with tempfile.TemporaryDirectory(prefix="rscaption-hash-") as tmp:
+        _write(cap, Path(tmp) / "ckpt")
+        return hash_dir(Path(tmp) / "ckpt")
+
+
+def _write(cap: Captioner, out: Path) -> None:
+    with quiet_loading():
+        _write_files(cap, out)
+
+
+def _write_files(cap: Captioner, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=False)
+    dtype = storage_dtype(cap.storage_dtype)
+    config = {"format": FORMAT, "version": VERSION, "storage_dtype": cap.storage_dtype,
+              "encoder": cap.encoder.save(out, dtype), "mapping": None, "lm": None, "tokenizer": None,
+              "card": {k: v for k, v in cap._card.items()}}
+    if cap.mapping is not None:
+        save_state(cap.mapping.state_dict(), out / "mapping.safetensors", dtype)
+        config["mapping"] = {**cap.mapping.config(), "weights": "mapping.safetensors"}
+    if cap.lm is not None:
+        save_hf_model(cap.lm, out / "lm", dtype)
+        config["lm"] = {"path": "lm", "model_type": cap.lm.config.model_type}
+    if cap.tokenizer is not None:
+        cap.tokenizer.save_pretrained(str(out / "tokenizer"))
+        config["tokenizer"] = {"path": "tokenizer"}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(cap: Captioner, directory) -> Path:
+    """Write to a sibling temp dir, then swap it in, so an interrupted save never leaves a
+    half-written checkpoint where a good one was. Refuses to overwrite a non-checkpoint dir."""
+    directory = Path(directory).resolve()
+    if directory.exists() and any(directory.iterdir()) and not is_checkpoint_dir(directory):
+        raise ModelError(f"refusing to overwrite {directory}: not empty and not an rscaption checkpoint")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+    try:
+        _write(cap, tmp / "ckpt")
+        old = None
+        if directory.exists():
+            old = directory.with_name(directory.name + ".old-" + tmp.name[-8:])
+            os.replace(directory, old)
+        os.replace(tmp / "ckpt", directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cap._hash = hash_dir(directory)
+    return directory
+
+
+def read_config(directory) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelError(f"checkpoint directory not found: {directory}")
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"not an rscaption checkpoint (no config.json): {directory}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"checkpoint config is corrupt: {cfg_path} ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelError(f"not an rscaption checkpoint (config.json has no format '{FORMAT}'): {directory}")
+    if int(config.get("version", 0)) > VERSION:
+        raise ModelError(f"checkpoint {directory} has format version {config.get('version')}; "
+                         f"this rscaption reads up to {VERSION} (upgrade rscaption)")
+    return config
+
+
+def _load_lm(cfg: dict, directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    source = str(directory / cfg["path"]) if cfg.get("path") else cfg.get("name")
+    if cfg.get("path") and not (directory / cfg["path"] / "config.json").is_file():
+        raise ModelError(f"checkpoint language model is missing: {directory / cfg['path']}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    except Exception as exc:
+        raise _wrap(exc, source, "language model") from None
+
+
+def _load_tokenizer(cfg: dict, directory: Path):
+    from transformers import AutoTokenizer
+
+    source = str(directory / cfg["path"]) if cfg.get("path") else cfg.get("name")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise _wrap(exc, source, "tokenizer") from None
+
+
+def _wrap(exc: Exception, source: str, what: str) -> ModelError:
+    if isinstance(exc, ModelError):
+        return exc
+    if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return ModelError(f"model '{source}' is not available offline; pass a checkpoint directory")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ModelError(f"cannot load {what} from '{source}': {first}")
+
+
+def load_checkpoint(directory, device=None, dtype=None) -> Captioner:
+    with quiet_loading():
+        return _load_checkpoint(directory, device, dtype)
+
+
+def _load_checkpoint(directory, device=None, dtype=None) -> Captioner:
+    directory = Path(directory).resolve()
+    config = read_config(directory)
+    try:
+        encoder = build_encoder(config["encoder"], directory)
+        mapping = lm = tokenizer = None
+        if config.get("mapping"):
+            mcfg = {k: v for k, v in config["mapping"].items() if k != "weights"}
+            mapping = build_mapping(mcfg)
+            load_into(mapping, load_state(directory / config["mapping"].get("weights", "mapping.safetensors")),
+                      "mapping")
+        if config.get("lm"):
+            lm = _load_lm(config["lm"], directory)
+        if config.get("tokenizer"):
+            tokenizer = _load_tokenizer(config["tokenizer"], directory)
+    except ModelError:
+        raise
+    except KeyError as exc:
+        raise ModelError(f"checkpoint config is incomplete ({exc} missing): {directory}") from None
+    except Exception as exc:
+        raise _wrap(exc, str(directory), "checkpoint") from None
+    cap = Captioner(encoder, mapping, lm, tokenizer, card=config.get("card"), model_id=str(directory),
+                    storage_dtype=config.get("storage_dtype", "float32"))
+    cap._hash = hash_dir(directory)
+    cap.source_dir = directory
+    return cap.to_device(device, dtype)
