@@ -183,19 +183,52 @@ def _views(run: Run):
     return list(e.get("train_views", [0, 1, 4, 6])), [0]
 
 
+def _cut_points(run: Run) -> tuple[int, int]:
+    e = run.cfg.get("encoder", {})
+    cache = int(e.get("cache_split", 5))
+    return cache, max(cache, int(e.get("finetune_from", cache)))
+
+
+def _advance(path: Path, enc, cache: int, to: int) -> np.ndarray:
+    """Activations at ``blocks[to]`` from the cache at ``blocks[cache]`` through the frozen
+    pretrained blocks in between, stored next to the cache (so a deeper cut costs one pass)."""
+    import torch
+
+    trunk = np.load(path / "trunk.npy", mmap_mode="r")
+    if to == cache:
+        return trunk
+    out = path / f"advanced_{to}.npy"
+    if out.exists():
+        return np.load(out, mmap_mode="r")
+    n, v = trunk.shape[:2]
+    flat = trunk.reshape(n * v, *trunk.shape[2:])
+    parts = []
+    blocks = enc.image_tower.blocks[cache:to].eval()
+    with torch.no_grad():
+        for i in range(0, n * v, 128):
+            parts.append(blocks(torch.from_numpy(np.asarray(flat[i:i + 128])).float()).half().numpy())
+    arr = np.concatenate(parts).reshape(n, v, *parts[0].shape[1:])
+    np.save(path / f"advanced_{to}.tmp.npy", arr)
+    os.replace(path / f"advanced_{to}.tmp.npy", out)
+    return np.load(out, mmap_mode="r")
+
+
 def _load_trunks(run: Run, enc, train, val):
     tv, vv = _views(run)
-    tr = np.load(_trunk_dir(run, "train", enc, tv) / "trunk.npy", mmap_mode="r")
-    va = np.load(_trunk_dir(run, "val", enc, vv) / "trunk.npy", mmap_mode="r")
+    cache, to = _cut_points(run)
+    # the frozen blocks between the cache and the fine-tuned part must be the pretrained ones
+    pretrained = _encoder(run) if to > cache else enc
+    tr = _advance(_trunk_dir(run, "train", enc, tv), pretrained, cache, to)
+    va = _advance(_trunk_dir(run, "val", enc, vv), pretrained, cache, to)
     if tr.shape[0] != len(train.records) or va.shape[0] != len(val.records):
         raise TrainError("cached features do not match the dataset; rerun the features stage")
-    return tr, va
+    return np.ascontiguousarray(tr), np.ascontiguousarray(va)
 
 
 def _tower(run: Run, enc):
     from .features import SplitTower
 
-    return SplitTower(enc.image_tower, int(run.cfg.get("encoder", {}).get("cache_split", 5)))
+    return SplitTower(enc.image_tower, _cut_points(run)[1])
 
 
 def _unique_captions(records):
