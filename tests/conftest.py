@@ -1,0 +1,43 @@
+"""Shared fixtures. Real data lives outside the repository (../shared/data, never committed):
+tests that need it skip with a clear message on a machine without it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RSCAPTION_SHARED_DATA", ROOT.parent / "shared" / "data"))
+GEOTIFF_DIR = SHARED_DATA / "geotiff"
+
+
+def require_shared(*parts: str) -> Path:
+    """Path under the shared data folder, or skip the calling test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path} (set RSCAPTION_SHARED_DATA or fetch ../shared/data)")
+    return path
+
+
+def geotiff_path(name: str) -> Path:
+    """One of the real GeoTIFFs in ../shared/data/geotiff (skips when absent)."""
+    return require_shared("geotiff", name)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return require_shared()
+
+
+@pytest.fixture
+def geotiff():
+    """``geotiff("RGB.byte.tif")`` -> Path, skipping the test when the shared data is absent."""
+    return geotiff_path
+
+
+@pytest.fixture
+def tmp_gpkg(tmp_path) -> Path:
+    """A not-yet-existing .gpkg path in a fresh temporary folder."""
+    return tmp_path / "out.gpkg"
