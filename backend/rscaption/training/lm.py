@@ -118,7 +118,7 @@ def pretrain_lm(lm, tokenizer, texts, cfg: dict, rng: np.random.Generator, log=N
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        run += float(loss)
+        run += float(loss.detach())
         n_run += 1
         bar.set_postfix(loss=f"{float(loss):.3f}")
         last = step + 1 == max_steps or time.time() - t0 > max_sec

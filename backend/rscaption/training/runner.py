@@ -206,7 +206,7 @@ def _advance(path: Path, enc, cache: int, to: int) -> np.ndarray:
     blocks = enc.image_tower.blocks[cache:to].eval()
     with torch.no_grad():
         for i in range(0, n * v, 128):
-            parts.append(blocks(torch.from_numpy(np.asarray(flat[i:i + 128])).float()).half().numpy())
+            parts.append(blocks(torch.from_numpy(np.array(flat[i:i + 128])).float()).half().numpy())
     arr = np.concatenate(parts).reshape(n, v, *parts[0].shape[1:])
     np.save(path / f"advanced_{to}.tmp.npy", arr)
     os.replace(path / f"advanced_{to}.tmp.npy", out)
