@@ -80,28 +80,29 @@ def cmd_caption(args) -> int:
     beam = args.beam_size or int(card.get("beam_size") or 1)
 
     bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=0, unit="tile", file=sys.stderr, desc="captioning", dynamic_ncols=True)
 
     def progress(done, total, _records):
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+        # created on the first callback so an error before any tile leaves no empty bar behind
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="tile", file=sys.stderr, desc="captioning", dynamic_ncols=True)
+        bar.n = done
+        bar.refresh()
 
     try:
         summary = caption_raster(args.raster, args.output, model=cap, tiling=tiling,
                                  batch_size=args.batch_size, beam_size=beam, on_progress=progress,
                                  resume=not args.no_resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
         print(f"rscaption: cancelled; finished tiles are kept in {args.output} (run again to resume)",
               file=sys.stderr)
         return EXIT_CANCELLED
-    if bar is not None:
-        bar.close()
+    finally:
+        if bar is not None:
+            bar.close()
     print(summary.one_line(), file=sys.stderr)
     return 0
 
