@@ -163,14 +163,14 @@ def _default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def encode_request(cmd: str, **fields) -> str:
+def encode_request(cmd: str, /, **fields) -> str:
     obj = {"cmd": cmd, **fields}
     validate_request(obj)
     return _dumps(obj)
 
 
-def encode_message(kind: str, **fields) -> str:
-    obj = {"type": kind, **fields}
+def encode_message(msg_type: str, /, **fields) -> str:
+    obj = {"type": msg_type, **fields}
     validate_message(obj)
     return _dumps(obj)
 

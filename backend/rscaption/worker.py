@@ -40,13 +40,14 @@ _EOF = object()
 class _Writer:
     """Serialises whole lines from several threads (job, heartbeat, reader) onto one stream."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, on_broken=None):
         self._stream = stream
         self._lock = threading.Lock()
         self.broken = False
+        self.on_broken = on_broken
 
-    def send(self, kind: str, **fields) -> None:
-        line = encode_message(kind, **fields)
+    def send(self, msg_type: str, /, **fields) -> None:
+        line = encode_message(msg_type, **fields)
         with self._lock:
             if self.broken:
                 return
@@ -54,8 +55,10 @@ class _Writer:
                 self._stream.write(line)
                 self._stream.flush()
             except (BrokenPipeError, OSError, ValueError):
-                # The plugin went away; nothing left to tell. The reader sees EOF and stops us.
+                # Nobody reads us any more (the plugin died): stop working for it.
                 self.broken = True
+                if self.on_broken is not None:
+                    self.on_broken()
 
 
 class Worker:
@@ -67,19 +70,26 @@ class Worker:
         self.jobs: queue.Queue = queue.Queue()
         self.cancel_event = threading.Event()
         self.stop_event = threading.Event()
+        self.shutdown_requested = False
         self._models: dict = {}
 
     # -- threads -------------------------------------------------------------------------------
     def _read_loop(self) -> None:
+        try:
+            self._read_lines()
+        except Exception:  # a dead reader would leave the main loop waiting forever
+            traceback.print_exc(file=sys.stderr)
+            self.jobs.put(_EOF)
+
+    def _read_lines(self) -> None:
         while True:
             try:
                 line = self.stdin.readline()
             except (OSError, ValueError):
                 line = ""
             if not line:
-                # The plugin closed our stdin (or died): finish the current batch and leave.
-                self.cancel_event.set()
-                self.stop_event.set()
+                # No more requests: answer the ones already queued, then leave. A dead plugin is
+                # noticed when writing to it fails (see _Writer), which cancels the running job.
                 self.jobs.put(_EOF)
                 return
             if not line.strip():
@@ -93,8 +103,8 @@ class Worker:
                 log.info("cancel requested")
                 self.cancel_event.set()
             elif req["cmd"] == "shutdown":
+                self.shutdown_requested = True
                 self.cancel_event.set()
-                self.stop_event.set()
                 self.jobs.put(_EOF)
                 return
             else:
@@ -113,7 +123,7 @@ class Worker:
         self._hello()
         while True:
             req = self.jobs.get()
-            if req is _EOF or self.stop_event.is_set():
+            if req is _EOF or self.shutdown_requested or self.out.broken:
                 break
             # A cancel that arrived while idle must not kill the next job.
             self.cancel_event.clear()
@@ -163,7 +173,7 @@ class Worker:
 
     # -- model cache ----------------------------------------------------------------------------
     def _model(self, name, device):
-        from .models import load_model
+        from .models.registry import load_model
 
         key = (name or "default", device or self.requested_device)
         if key not in self._models:
@@ -177,19 +187,22 @@ class Worker:
         from .pipeline import caption_raster
         from .tiling import TilingParams
 
+        device = req.get("device") or self.requested_device
+        model = self._model(req.get("model"), device)
         tiling_kwargs = {}
         for key in ("tile_size", "overlap", "bands", "target_resolution"):
             if req.get(key) is not None:
                 tiling_kwargs[key] = req[key]
+        if not tiling_kwargs.get("tile_size"):
+            # No size asked for: the one the model was trained for, like the CLI does.
+            tiling_kwargs["tile_size"] = int((getattr(model, "card", None) or {}).get("tile_size") or 256)
         if req.get("extent") is not None:
             tiling_kwargs["extent"] = tuple(float(v) for v in req["extent"])
         tiling = TilingParams(**tiling_kwargs)
-        device = req.get("device") or self.requested_device
-        model = self._model(req.get("model"), device)
         self.out.send("log", message=f"model {getattr(model, 'model_id', req.get('model'))} loaded")
 
         def on_progress(done, total, records):
-            ids = [str(getattr(r, "tile_id", r)) for r in (records or [])]
+            ids = [_plain(getattr(r, "tile_id", r)) for r in (records or [])]
             if ids:
                 self.out.send("tiles", tile_ids=ids)
             self.out.send("progress", done=int(done), total=int(total))
@@ -212,19 +225,36 @@ class Worker:
     def _do_search(self, req: dict) -> dict:
         from .search import search_store
 
-        model = None
-        if req.get("model"):
-            model = self._model(req["model"], req.get("device"))
-        hits = search_store(req["gpkg"], req["query"], k=req.get("k") or 10, model=model)
+        device = req.get("device") or self.requested_device
+        model = self._model(req["model"], device) if req.get("model") else self._store_model(req["gpkg"], device)
+        hits = search_store(req["gpkg"], req["query"], k=req.get("k") or 10, model=model, device=device)
         rows = [
             {
-                "tile_id": str(h.tile_id), "row": int(h.row), "col": int(h.col),
+                "tile_id": _plain(h.tile_id), "row": int(h.row), "col": int(h.col),
                 "score": clean_float(h.score), "caption": h.caption,
             }
             for h in hits
         ]
         self.out.send("result", cmd="search", hits=rows)
         return {"count": len(rows)}
+
+    def _store_model(self, gpkg, device):
+        """The model that made ``gpkg``, kept loaded: a search dock asks many queries in a row."""
+        import os
+
+        if not os.path.exists(gpkg):
+            return None  # search_store says so in its own words
+        from .gpkg import TileStore
+        from .search import model_for_store
+
+        with TileStore.open(gpkg) as store:
+            meta = store.metadata().get("model", {}) or {}
+            key = ("store", meta.get("id"), meta.get("hash"), device)
+            if key not in self._models:
+                cap = model_for_store(store, None, device)
+                self._models.clear()
+                self._models[key] = cap
+        return self._models[key]
 
     def _do_info(self, req: dict) -> dict:
         import torch
@@ -242,6 +272,16 @@ class Worker:
             )
         self.out.send("result", cmd="info", **info)
         return {}
+
+
+def _plain(value):
+    """tile ids are ints in the store; keep them ints on the wire, but never fail on odd types."""
+    if isinstance(value, (int, str)):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _summary_dict(summary) -> dict:
@@ -271,7 +311,10 @@ def serve(stdin=None, stdout=None, device=None, heartbeat_s: float = 2.0) -> int
         stdin = sys.stdin
     if stdout is None or stdout is sys.stdout or stdout is sys.__stdout__:
         stdout = _protocol_stdout()
-    return Worker(stdin, _Writer(stdout), device=device, heartbeat_s=heartbeat_s).run()
+    writer = _Writer(stdout)
+    worker = Worker(stdin, writer, device=device, heartbeat_s=heartbeat_s)
+    writer.on_broken = worker.cancel_event.set
+    return worker.run()
 
 
 def main(argv=None) -> int:
@@ -282,5 +325,17 @@ def main(argv=None) -> int:
     return serve(device=args.device, heartbeat_s=args.heartbeat)
 
 
+def _exit_now(code: int) -> None:
+    """Leave without running interpreter teardown: torch's and the reader's threads can abort
+    the process during finalisation ("terminate called without an active exception"), turning a
+    clean shutdown into exit code 134."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
