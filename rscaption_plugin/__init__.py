@@ -1,0 +1,11 @@
+"""rscaption QGIS plugin: caption raster tiles with an image-captioning model and search them by text.
+
+Only the plugin class is imported here; everything heavy (torch, the model, rasterio) is loaded
+inside background tasks or in a separate backend process.
+"""
+
+
+def classFactory(iface):  # noqa: N802  (QGIS's name)
+    from .plugin import RscaptionPlugin
+
+    return RscaptionPlugin(iface)

@@ -1,0 +1,112 @@
+"""GUI-thread side of one caption run: owns the result layer while the task fills it.
+
+The first committed batch creates the layer (the writer registers the ``tiles`` table only then),
+later batches reload it at most every ``refresh_s`` seconds, and the end of the run — done,
+cancelled or failed — reloads it once more so every committed tile is shown.
+"""
+
+from __future__ import annotations
+
+import time
+
+from qgis.core import Qgis, QgsApplication, QgsProject
+
+from .layers import has_tile_table, open_tile_layer, refresh_layer
+from .tasks import CaptionTask, Outcome, log
+
+
+class CaptionRun:
+    def __init__(self, request, iface=None, on_done=None, refresh_s: float = 0.5, add_to_project: bool = True):
+        self.request = request
+        self.iface = iface
+        self.on_done = on_done
+        self.refresh_s = refresh_s
+        self.add_to_project = add_to_project
+        self.layer = None
+        self.layer_id: str | None = None
+        self.outcome: Outcome | None = None
+        self.backend: dict = {}
+        self.tiles_seen = 0
+        self.progress_seen: list[float] = []
+        self._last_refresh = 0.0
+        self.task = CaptionTask(request.job, request.mode, request.python, on_finished=self._finished,
+                                description=f"rscaption: caption {request.layer_name}")
+        self.task.tilesAdded.connect(self._tiles_added)
+        self.task.backendReady.connect(self._backend_ready)
+        self.task.progressChanged.connect(self.progress_seen.append)
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def start(self) -> "CaptionRun":
+        QgsApplication.taskManager().addTask(self.task)
+        return self
+
+    def cancel(self) -> None:
+        if not self.done:
+            try:
+                self.task.cancel()
+            except RuntimeError:  # the C++ task is already gone: it finished
+                pass
+
+    # -- slots (GUI thread) ------------------------------------------------------------------------
+    def _backend_ready(self, info: dict) -> None:
+        self.backend = dict(info)
+        device = info.get("device") or "?"
+        self._message(f"captioning on {device} ({info.get('mode')})", Qgis.MessageLevel.Info, 4)
+
+    def _tiles_added(self, count: int) -> None:
+        self.tiles_seen = count
+        now = time.monotonic()
+        if self.layer is None:
+            self._ensure_layer()
+        elif now - self._last_refresh >= self.refresh_s:
+            refresh_layer(self.layer)
+            self._last_refresh = now
+
+    def _ensure_layer(self) -> None:
+        if self.layer is not None:
+            return
+        out = self.request.job.out
+        if not has_tile_table(out):
+            return
+        layer = open_tile_layer(out, self.request.layer_name)
+        if not layer.isValid():
+            log(f"cannot open {out} as a layer yet")
+            return
+        self.layer = layer
+        self.layer_id = layer.id()
+        if self.add_to_project:
+            QgsProject.instance().addMapLayer(layer)
+        self._last_refresh = time.monotonic()
+
+    def _finished(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self._ensure_layer()
+        if self.layer is not None:
+            refresh_layer(self.layer)
+        summary = outcome.summary or {}
+        if outcome.ok:
+            self._message(f"{summary.get('written', 0)} tiles captioned ({summary.get('resumed', 0)} resumed, "
+                          f"{summary.get('skipped_nodata', 0)} nodata) on {summary.get('device') or '?'} "
+                          f"in {summary.get('seconds', 0):.1f} s", Qgis.MessageLevel.Success, 8)
+        elif outcome.cancelled:
+            self._message(f"cancelled; {self._kept()} finished tiles kept in {self.request.job.out}",
+                          Qgis.MessageLevel.Warning, 8)
+        else:
+            self._message(f"captioning failed: {outcome.error}. {self._kept()} finished tiles kept.",
+                          Qgis.MessageLevel.Critical, 0)
+        if self.on_done is not None:
+            self.on_done(self)
+
+    def _kept(self) -> int:
+        return self.layer.featureCount() if self.layer is not None else 0
+
+    def _message(self, text: str, level, duration: int) -> None:
+        log(text, level)
+        if self.iface is not None:
+            try:
+                self.iface.messageBar().pushMessage("rscaption", text, level, duration)
+            except Exception:
+                pass

@@ -1,0 +1,305 @@
+"""The "Caption raster layer" dialog: collects a CaptionJob, never runs anything itself.
+
+Built in code (no .ui file) so it stays readable in a diff and works unchanged on Qt5 and Qt6.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from qgis.core import (
+    QgsMapLayerProxyModel,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
+from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .model_card import card_summary, card_tile_size
+from .paths import torch_importable
+from .raster_source import RasterSourceError, can_export, check_raster, export_to_geotiff, extent_in_layer_crs
+from .runner import CaptionJob
+from .settings import BACKEND_MODES, DEVICES, PluginSettings
+
+EXTENT_LAYER, EXTENT_CANVAS, EXTENT_SELECTION = "layer", "canvas", "selection"
+
+
+class CaptionRequest:
+    """What the dialog hands to the plugin: the job plus how and where to show it."""
+
+    def __init__(self, job: CaptionJob, mode: str, python: str | None, layer_name: str, temporary: bool):
+        self.job, self.mode, self.python = job, mode, python
+        self.layer_name, self.temporary = layer_name, temporary
+
+
+def parse_bands(text: str) -> list[int] | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        bands = [int(part) for part in text.replace(";", ",").replace(" ", ",").split(",") if part]
+    except ValueError:
+        raise ValueError(f"bands must be band numbers like 1,2,3, got '{text}'") from None
+    if not bands or any(b < 1 for b in bands):
+        raise ValueError("band numbers start at 1")
+    return bands
+
+
+def selection_bbox(vlayer: QgsVectorLayer) -> QgsRectangle | None:
+    """Union bounding box of the selected features (in the vector layer's CRS)."""
+    if vlayer is None or vlayer.selectedFeatureCount() == 0:
+        return None
+    return vlayer.boundingBoxOfSelected()
+
+
+class CaptionDialog(QDialog):
+    def __init__(self, iface=None, parent=None, settings: PluginSettings | None = None):
+        super().__init__(parent or (iface.mainWindow() if iface else None))
+        self.iface = iface
+        self.settings = settings or PluginSettings.load()
+        self.setWindowTitle("rscaption — Caption raster layer")
+        self.request: CaptionRequest | None = None
+        self._build()
+        self._preselect()
+
+    # -- layout --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        root = QVBoxLayout(self)
+        form = QFormLayout()
+        root.addLayout(form)
+
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.layer_combo.layerChanged.connect(self._layer_changed)
+        form.addRow("Raster layer", self.layer_combo)
+        self.source_note = QLabel("")
+        self.source_note.setWordWrap(True)
+        form.addRow("", self.source_note)
+        self.export_check = QCheckBox("If the layer is not a file, write a temporary GeoTIFF of the extent")
+        self.export_check.setChecked(True)
+        form.addRow("", self.export_check)
+
+        self.extent_combo = QComboBox()
+        self.extent_combo.addItem("Whole layer", EXTENT_LAYER)
+        self.extent_combo.addItem("Map canvas extent", EXTENT_CANVAS)
+        self.extent_combo.addItem("Selected features of a polygon layer (union bbox)", EXTENT_SELECTION)
+        self.mask_combo = QgsMapLayerComboBox()
+        self.mask_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
+        self.mask_combo.setEnabled(False)
+        self.extent_combo.currentIndexChanged.connect(
+            lambda _i: self.mask_combo.setEnabled(self.extent_combo.currentData() == EXTENT_SELECTION))
+        form.addRow("Extent", self.extent_combo)
+        form.addRow("Selection layer", self.mask_combo)
+
+        self.model_combo = QComboBox()
+        self.model_combo.setEditable(True)
+        self.model_combo.addItem("default")
+        if self.settings.default_model and self.settings.default_model != "default":
+            self.model_combo.addItem(self.settings.default_model)
+            self.model_combo.setCurrentText(self.settings.default_model)
+        self.model_combo.setToolTip("'default' (embedded), a checkpoint directory, or a hub id")
+        browse = QPushButton("Checkpoint…")
+        browse.clicked.connect(self._browse_model)
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(browse)
+        form.addRow("Model", _wrap(row))
+        self.card_label = QLabel("")
+        self.card_label.setWordWrap(True)
+        form.addRow("", self.card_label)
+        self.model_combo.currentTextChanged.connect(self._model_changed)
+
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(16, 8192)
+        self.tile_spin.setSuffix(" px")
+        self.overlap_spin = QSpinBox()
+        self.overlap_spin.setRange(0, 4096)
+        self.overlap_spin.setSuffix(" px")
+        self.overlap_spin.setValue(self.settings.overlap)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("size"))
+        row.addWidget(self.tile_spin)
+        row.addWidget(QLabel("overlap"))
+        row.addWidget(self.overlap_spin)
+        form.addRow("Tiles", _wrap(row))
+        self.bands_edit = QLineEdit()
+        self.bands_edit.setPlaceholderText("auto (RGB, or grey repeated); e.g. 4,3,2")
+        form.addRow("Bands", self.bands_edit)
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 512)
+        self.batch_spin.setValue(self.settings.batch_size)
+        form.addRow("Batch size", self.batch_spin)
+
+        backend = QGroupBox("Backend")
+        bform = QFormLayout(backend)
+        self.mode_combo = QComboBox()
+        for mode in BACKEND_MODES:
+            self.mode_combo.addItem({"auto": "Automatic", "inprocess": "In-process (QGIS's Python)",
+                                     "subprocess": "Local subprocess"}[mode], mode)
+        self.mode_combo.setCurrentIndex(max(0, self.mode_combo.findData(self.settings.backend_mode)))
+        bform.addRow("Mode", self.mode_combo)
+        self.python_edit = QLineEdit(self.settings.python() or "")
+        self.python_edit.setPlaceholderText("python of an env with rscaption's requirements (Set up backend)")
+        bform.addRow("Backend Python", self.python_edit)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self.device_combo.setCurrentText(self.settings.device)
+        bform.addRow("Device", self.device_combo)
+        self.backend_note = QLabel(
+            "torch is importable in QGIS's Python: in-process mode available" if torch_importable()
+            else "QGIS's Python has no torch: the backend runs as a local subprocess")
+        self.backend_note.setWordWrap(True)
+        bform.addRow("", self.backend_note)
+        root.addWidget(backend)
+
+        out = QGroupBox("Output")
+        oform = QFormLayout(out)
+        self.output_combo = QComboBox()
+        self.output_combo.addItem("Temporary layer (GeoPackage in a temp folder)", "temp")
+        self.output_combo.addItem("GeoPackage file", "file")
+        oform.addRow("Write to", self.output_combo)
+        self.output_file = QgsFileWidget()
+        self.output_file.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
+        self.output_file.setFilter("GeoPackage (*.gpkg)")
+        self.output_file.setEnabled(False)
+        self.output_combo.currentIndexChanged.connect(
+            lambda _i: self.output_file.setEnabled(self.output_combo.currentData() == "file"))
+        oform.addRow("GeoPackage", self.output_file)
+        self.resume_check = QCheckBox("Resume an existing file (skip tiles already captioned)")
+        self.resume_check.setChecked(True)
+        oform.addRow("", self.resume_check)
+        root.addWidget(out)
+
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Caption")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        root.addWidget(buttons)
+        self._model_changed(self.model_combo.currentText())
+
+    def _preselect(self) -> None:
+        active = self.iface.activeLayer() if self.iface else None
+        if isinstance(active, QgsRasterLayer):
+            self.layer_combo.setLayer(active)
+        self._layer_changed(self.layer_combo.currentLayer())
+
+    # -- reactions -----------------------------------------------------------------------------
+    def _layer_changed(self, layer) -> None:
+        if layer is None:
+            self.source_note.setText("")
+            return
+        try:
+            path = check_raster(layer)
+            self.source_note.setText(f"file: {path} · {layer.bandCount()} band(s) · {layer.crs().authid()}")
+        except RasterSourceError as exc:
+            self.source_note.setText(str(exc))
+
+    def _model_changed(self, name: str) -> None:
+        fallback = self.settings.tile_size or 256
+        self.tile_spin.setValue(self.settings.tile_size or card_tile_size(name, fallback))
+        self.card_label.setText(card_summary(name))
+
+    def _browse_model(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "rscaption checkpoint directory")
+        if path:
+            self.model_combo.setCurrentText(path)
+
+    # -- result --------------------------------------------------------------------------------
+    def extent_for(self, layer) -> list[float] | None:
+        """The tiling extent in the raster's CRS, or None for the whole layer."""
+        choice = self.extent_combo.currentData()
+        if choice == EXTENT_LAYER:
+            return None
+        if choice == EXTENT_CANVAS:
+            if self.iface is None or self.iface.mapCanvas() is None:
+                raise ValueError("no map canvas to take the extent from")
+            canvas = self.iface.mapCanvas()
+            rect = extent_in_layer_crs(canvas.extent(), canvas.mapSettings().destinationCrs(), layer)
+        else:
+            vlayer = self.mask_combo.currentLayer()
+            if vlayer is None or vlayer.geometryType() != QgsWkbTypes.GeometryType.PolygonGeometry:
+                raise ValueError("choose a polygon layer with selected features")
+            rect = selection_bbox(vlayer)
+            if rect is None:
+                raise ValueError(f"no features are selected in '{vlayer.name()}'")
+            rect = extent_in_layer_crs(rect, vlayer.crs(), layer)
+        rect = rect.intersect(layer.extent())
+        if rect.isEmpty():
+            raise ValueError("the chosen extent does not overlap the raster")
+        return [rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()]
+
+    def build_request(self) -> CaptionRequest:
+        """Validate the form; raises ValueError with a message for the user."""
+        layer = self.layer_combo.currentLayer()
+        if layer is None:
+            raise ValueError("choose a raster layer")
+        extent = self.extent_for(layer)
+        try:
+            raster = check_raster(layer)
+        except RasterSourceError:
+            if not (self.export_check.isChecked() and can_export(layer)):
+                raise
+            rect = QgsRectangle(*extent) if extent else None
+            raster = export_to_geotiff(layer, rect)
+        if self.output_combo.currentData() == "file":
+            out = self.output_file.filePath().strip()
+            if not out:
+                raise ValueError("choose an output GeoPackage")
+            if not out.lower().endswith(".gpkg"):
+                out += ".gpkg"
+            temporary = False
+        else:
+            out = os.path.join(tempfile.mkdtemp(prefix="rscaption-"), f"{_safe(layer.name())}_captions.gpkg")
+            temporary = True
+        overlap = self.overlap_spin.value()
+        if overlap >= self.tile_spin.value():
+            raise ValueError("overlap must be smaller than the tile size")
+        job = CaptionJob(
+            raster=raster, out=out, model=self.model_combo.currentText().strip() or "default",
+            tile_size=self.tile_spin.value(), overlap=overlap, bands=parse_bands(self.bands_edit.text()),
+            extent=extent, batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
+            resume=self.resume_check.isChecked(),
+        )
+        name = f"{layer.name()} captions"
+        return CaptionRequest(job, self.mode_combo.currentData(), self.python_edit.text().strip() or None,
+                              name, temporary)
+
+    def accept(self) -> None:
+        try:
+            self.request = self.build_request()
+        except (ValueError, RasterSourceError) as exc:
+            QMessageBox.warning(self, "rscaption", str(exc))
+            return
+        super().accept()
+
+
+def _wrap(layout) -> QWidget:
+    w = QWidget()
+    layout.setContentsMargins(0, 0, 0, 0)
+    w.setLayout(layout)
+    return w
+
+
+def _safe(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_" else "_" for c in name or "raster")
+    return keep.strip("_") or "raster"

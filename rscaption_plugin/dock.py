@@ -1,0 +1,183 @@
+"""Search dock: type a query, get the best-matching tiles ranked, selected and zoomable.
+
+The query must go through the model's text tower, which may be slow to load and needs torch, so
+the search runs as a QgsTask (in-process or through the backend subprocess); the dock only
+renders results. It works on any layer whose source is an rscaption GeoPackage, including a
+reopened export.
+"""
+
+from __future__ import annotations
+
+from qgis.core import QgsApplication, QgsMapLayerProxyModel, QgsProject
+from qgis.gui import QgsDockWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .layers import apply_default_style, apply_score_style, gpkg_path_of, is_tile_layer, select_tiles, zoom_to_tile
+from .settings import PluginSettings
+from .tasks import SearchTask
+
+TILE_ROLE = Qt.ItemDataRole.UserRole
+HIT_ROLE = Qt.ItemDataRole.UserRole + 1
+
+
+class SearchDock(QgsDockWidget):
+    def __init__(self, iface=None, parent=None):
+        super().__init__("rscaption search", parent)
+        self.setObjectName("RscaptionSearchDock")
+        self.iface = iface
+        self.hits: list[dict] = []
+        self.error: str | None = None
+        self.searching = False
+        self.task: SearchTask | None = None
+        self.backend: dict = {}
+        self._build()
+
+    def _build(self) -> None:
+        body = QWidget()
+        lay = QVBoxLayout(body)
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
+        lay.addWidget(QLabel("Captioned tile layer"))
+        lay.addWidget(self.layer_combo)
+        row = QHBoxLayout()
+        self.query_edit = QLineEdit()
+        self.query_edit.setPlaceholderText("e.g. a river next to green farmland")
+        self.query_edit.returnPressed.connect(self.search)
+        self.search_button = QPushButton("Search")
+        self.search_button.clicked.connect(self.search)
+        row.addWidget(self.query_edit, 1)
+        row.addWidget(self.search_button)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("top k"))
+        self.k_spin = QSpinBox()
+        self.k_spin.setRange(1, 1000)
+        self.k_spin.setValue(10)
+        row.addWidget(self.k_spin)
+        row.addWidget(QLabel("min score"))
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(-1.0, 1.0)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setDecimals(3)
+        self.threshold_spin.setValue(-1.0)
+        row.addWidget(self.threshold_spin)
+        lay.addLayout(row)
+        self.style_check = QCheckBox("Colour tiles by score")
+        self.style_check.setChecked(True)
+        lay.addWidget(self.style_check)
+        self.results = QListWidget()
+        self.results.currentRowChanged.connect(self._current_changed)
+        self.results.itemClicked.connect(lambda item: self.zoom_to_row(self.results.row(item)))
+        lay.addWidget(self.results, 1)
+        row = QHBoxLayout()
+        self.prev_button = QPushButton("◀ Previous")
+        self.next_button = QPushButton("Next ▶")
+        self.prev_button.clicked.connect(lambda: self.step(-1))
+        self.next_button.clicked.connect(lambda: self.step(1))
+        row.addWidget(self.prev_button)
+        row.addWidget(self.next_button)
+        lay.addLayout(row)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        lay.addWidget(self.status)
+        self.setWidget(body)
+
+    # -- search ----------------------------------------------------------------------------------
+    def set_layer(self, layer) -> None:
+        self.layer_combo.setLayer(layer)
+
+    def search(self, query: str | None = None) -> SearchTask | None:
+        if query is not None:
+            self.query_edit.setText(query)
+        query = self.query_edit.text().strip()
+        layer = self.layer_combo.currentLayer()
+        if not query:
+            self._status("type a query first")
+            return None
+        if layer is None or not is_tile_layer(layer):
+            self._status("choose a layer made by rscaption (a GeoPackage with its embeddings)")
+            return None
+        if self.searching:
+            self._status("a search is already running")
+            return None
+        settings = PluginSettings.load()
+        self.searching = True
+        self.error = None
+        self.search_button.setEnabled(False)
+        self._status(f"searching '{query}'…")
+        self.task = SearchTask(gpkg_path_of(layer), query, self.k_spin.value(), settings.backend_mode,
+                               settings.python(), device=settings.device,
+                               on_finished=lambda outcome, lid=layer.id(): self._finished(outcome, lid))
+        QgsApplication.taskManager().addTask(self.task)
+        return self.task
+
+    def _finished(self, outcome, layer_id: str) -> None:
+        self.searching = False
+        self.task = None
+        self.search_button.setEnabled(True)
+        self.backend = outcome.backend
+        layer = QgsProject.instance().mapLayer(layer_id)
+        if not outcome.ok:
+            self.error = outcome.error or ("cancelled" if outcome.cancelled else "search failed")
+            self._status(self.error)
+            return
+        threshold = self.threshold_spin.value()
+        self.show_hits([h for h in outcome.hits if h.get("score") is None or h["score"] >= threshold], layer)
+
+    def show_hits(self, hits: list[dict], layer=None) -> None:
+        layer = layer or self.layer_combo.currentLayer()
+        self.hits = list(hits)
+        self.results.blockSignals(True)
+        self.results.clear()
+        for rank, hit in enumerate(self.hits, 1):
+            score = hit.get("score")
+            text = f"{rank:>2}. {score:.3f}  {hit.get('caption', '')}" if score is not None else hit.get("caption", "")
+            item = QListWidgetItem(text)
+            item.setData(TILE_ROLE, hit.get("tile_id"))
+            item.setToolTip(f"tile {hit.get('tile_id')} (row {hit.get('row')}, col {hit.get('col')})")
+            self.results.addItem(item)
+        self.results.blockSignals(False)
+        if layer is not None:
+            select_tiles(layer, [h["tile_id"] for h in self.hits])
+            if self.style_check.isChecked():
+                apply_score_style(layer, self.hits)
+            else:
+                apply_default_style(layer)
+        device = self.backend.get("device")
+        where = f" · {self.backend.get('mode')}{' on ' + device if device else ''}" if self.backend else ""
+        self._status(f"{len(self.hits)} match(es){where}")
+        if self.hits:
+            self.results.setCurrentRow(0)
+
+    # -- navigation ------------------------------------------------------------------------------
+    def step(self, delta: int) -> None:
+        if not self.hits:
+            return
+        row = (self.results.currentRow() + delta) % len(self.hits)
+        self.results.setCurrentRow(row)
+
+    def _current_changed(self, row: int) -> None:
+        if 0 <= row < len(self.hits):
+            self.zoom_to_row(row)
+
+    def zoom_to_row(self, row: int) -> bool:
+        layer = self.layer_combo.currentLayer()
+        if layer is None or not (0 <= row < len(self.hits)) or self.iface is None:
+            return False
+        return zoom_to_tile(self.iface.mapCanvas(), layer, self.hits[row]["tile_id"])
+
+    def _status(self, text: str) -> None:
+        self.status.setText(text)

@@ -1,0 +1,182 @@
+"""The captioned tile layer on the QGIS side: open, style, refresh, find its GeoPackage.
+
+The layer is always the output GeoPackage itself (OGR provider), so "results appear as they
+land" is a reload of the provider after each committed batch, and a cancelled or failed run
+leaves a layer with exactly the tiles that were committed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeatureRequest,
+    QgsFillSymbol,
+    QgsProject,
+    QgsProviderRegistry,
+    QgsRectangle,
+    QgsRuleBasedRenderer,
+    QgsSingleSymbolRenderer,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtGui import QColor
+
+TILE_LAYER = "tiles"
+META_TABLE = "rscaption_metadata"
+EMB_TABLE = "rscaption_embeddings"
+MAP_TIP = ('<b>[% "caption" %]</b><br/>confidence [% format_number("confidence", 2) %] · '
+           'row [% "row" %], col [% "col" %]<br/><i>[% "model" %]</i>')
+
+
+def layer_uri(gpkg: str) -> str:
+    return f"{gpkg}|layername={TILE_LAYER}"
+
+
+def gpkg_path_of(layer) -> str | None:
+    """The GeoPackage behind a layer (works for a layer just produced and a reopened export)."""
+    if layer is None or not isinstance(layer, QgsVectorLayer) or layer.providerType() != "ogr":
+        return None
+    parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
+    path = parts.get("path") or layer.source().split("|")[0]
+    return path if path and os.path.isfile(path) else None
+
+
+def is_rscaption_gpkg(path: str | None) -> bool:
+    if not path or not os.path.isfile(path):
+        return False
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return META_TABLE in names and EMB_TABLE in names
+
+
+def is_tile_layer(layer) -> bool:
+    return is_rscaption_gpkg(gpkg_path_of(layer))
+
+
+def has_tile_table(gpkg: str) -> bool:
+    """The writer creates the file before its first commit; the layer is only loadable once the
+    tiles table is registered in gpkg_contents."""
+    if not os.path.isfile(gpkg):
+        return False
+    try:
+        con = sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True, timeout=5)
+        try:
+            row = con.execute("SELECT 1 FROM gpkg_contents WHERE table_name=?", (TILE_LAYER,)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return row is not None
+
+
+def open_tile_layer(gpkg: str, name: str | None = None) -> QgsVectorLayer:
+    layer = QgsVectorLayer(layer_uri(gpkg), name or os.path.splitext(os.path.basename(gpkg))[0], "ogr")
+    if layer.isValid():
+        apply_default_style(layer)
+    return layer
+
+
+def outline_symbol(color: QColor, width: float = 0.4, fill: QColor | None = None) -> QgsFillSymbol:
+    fill = fill or QColor(0, 0, 0, 0)
+    return QgsFillSymbol.createSimple({
+        "color": f"{fill.red()},{fill.green()},{fill.blue()},{fill.alpha()}",
+        "outline_color": f"{color.red()},{color.green()},{color.blue()},255",
+        "outline_width": str(width),
+        "outline_width_unit": "MM",
+    })
+
+
+def apply_default_style(layer: QgsVectorLayer) -> None:
+    """Transparent fill and a thin bright outline: the imagery stays visible under the grid."""
+    layer.setRenderer(QgsSingleSymbolRenderer(outline_symbol(QColor(255, 215, 0))))
+    layer.setMapTipTemplate(MAP_TIP)
+    layer.setDisplayExpression('"caption"')
+    layer.triggerRepaint()
+
+
+def apply_score_style(layer: QgsVectorLayer, hits: list[dict]) -> None:
+    """Highlight search hits, stronger fill for higher scores; other tiles keep the outline."""
+    if not hits:
+        apply_default_style(layer)
+        return
+    scores = [h["score"] for h in hits if h.get("score") is not None]
+    lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
+    root = QgsRuleBasedRenderer.Rule(None)
+    bands = 4
+    for b in range(bands):
+        a = lo + (hi - lo) * b / bands
+        z = lo + (hi - lo) * (b + 1) / bands
+        ids = [h["tile_id"] for h in hits if h.get("score") is not None
+               and (a <= h["score"] <= z if b == bands - 1 else a <= h["score"] < z)]
+        if not ids:
+            continue
+        alpha = 60 + int(150 * (b + 1) / bands)
+        sym = outline_symbol(QColor(255, 60, 0), 0.8, QColor(255, 90, 0, alpha))
+        rule = QgsRuleBasedRenderer.Rule(sym, 0, 0, tile_filter(ids), f"score {a:.3f} – {z:.3f}")
+        root.appendChild(rule)
+    else_rule = QgsRuleBasedRenderer.Rule(outline_symbol(QColor(255, 215, 0)), 0, 0, "ELSE", "other tiles")
+    root.appendChild(else_rule)
+    layer.setRenderer(QgsRuleBasedRenderer(root))
+    layer.triggerRepaint()
+
+
+def tile_filter(tile_ids) -> str:
+    def lit(v):
+        return str(int(v)) if isinstance(v, int) or (isinstance(v, str) and v.isdigit()) else "'" + str(v).replace("'", "''") + "'"
+
+    return '"tile_id" IN (' + ",".join(lit(t) for t in tile_ids) + ")" if tile_ids else "FALSE"
+
+
+def select_tiles(layer: QgsVectorLayer, tile_ids) -> int:
+    layer.selectByExpression(tile_filter(list(tile_ids)), QgsVectorLayer.SelectBehavior.SetSelection)
+    return layer.selectedFeatureCount()
+
+
+def tile_feature(layer: QgsVectorLayer, tile_id):
+    req = QgsFeatureRequest().setFilterExpression(tile_filter([tile_id]))
+    for feat in layer.getFeatures(req):
+        return feat
+    return None
+
+
+def zoom_to_tile(canvas, layer: QgsVectorLayer, tile_id, margin: float = 1.5) -> bool:
+    feat = tile_feature(layer, tile_id)
+    if feat is None or canvas is None:
+        return False
+    rect = QgsRectangle(feat.geometry().boundingBox())
+    dest = canvas.mapSettings().destinationCrs()
+    if dest.isValid() and layer.crs().isValid() and dest != layer.crs():
+        rect = QgsCoordinateTransform(layer.crs(), dest, QgsProject.instance()).transformBoundingBox(rect)
+    rect.scale(margin)
+    canvas.setExtent(rect)
+    canvas.refresh()
+    try:
+        canvas.flashFeatureIds(layer, [feat.id()])
+    except Exception:  # flashing is cosmetic
+        pass
+    return True
+
+
+def refresh_layer(layer: QgsVectorLayer) -> None:
+    """Pick up rows committed by the writer (another thread or process) since the last read."""
+    provider = layer.dataProvider()
+    if provider is not None:
+        provider.reloadData()
+    layer.updateExtents()
+    layer.triggerRepaint()
+
+
+def crs_of(wkt_or_authid: str) -> QgsCoordinateReferenceSystem:
+    crs = QgsCoordinateReferenceSystem(wkt_or_authid)
+    if not crs.isValid():
+        crs = QgsCoordinateReferenceSystem.fromWkt(wkt_or_authid)
+    return crs

@@ -1,0 +1,56 @@
+"""Read a model's card from its ``config.json`` without loading the model.
+
+The caption dialog needs the trained tile size and ground resolution to pre-fill its fields; a
+JSON read keeps the dialog instant and torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .paths import default_model_dir
+
+
+def model_dir(name: str | None) -> Path | None:
+    name = (name or "default").strip() or "default"
+    if name == "default":
+        return default_model_dir()
+    path = Path(name).expanduser()
+    return path if (path / "config.json").is_file() else None
+
+
+def read_card(name: str | None) -> dict:
+    """The stored card ({} when unknown: a hub id, a tiny model, a missing default)."""
+    directory = model_dir(name)
+    if directory is None:
+        return {}
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    card = config.get("card") if isinstance(config, dict) else None
+    return dict(card) if isinstance(card, dict) else {}
+
+
+def card_tile_size(name: str | None, fallback: int = 256) -> int:
+    try:
+        return int(read_card(name).get("tile_size") or fallback)
+    except (TypeError, ValueError):
+        return fallback
+
+
+def card_summary(name: str | None) -> str:
+    card = read_card(name)
+    if not card:
+        if (name or "default") == "default" and default_model_dir() is None:
+            return "no default model installed yet"
+        return "no model card (tile size defaults to 256 px)"
+    bits = []
+    if card.get("tile_size"):
+        bits.append(f"trained on {card['tile_size']} px tiles")
+    if card.get("ground_resolution_m"):
+        bits.append(f"at ~{card['ground_resolution_m']} m/px")
+    if card.get("description"):
+        bits.append(str(card["description"])[:120])
+    return "; ".join(bits) or "model card has no tiling hints"

@@ -1,0 +1,179 @@
+"""The plugin object QGIS creates: actions, menu, toolbar, search dock, Processing provider.
+
+Loading must stay cheap and torch-free (QGIS loads every enabled plugin at start-up), so the
+dialogs are imported when first opened and the model is only touched inside tasks.
+"""
+
+from __future__ import annotations
+
+from qgis.core import Qgis, QgsApplication
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction, QFileDialog, QMessageBox
+
+from .diagnostics import LAST_BACKEND
+from .layers import is_tile_layer
+from .paths import icon_path
+
+MENU = "&rscaption"
+
+
+class RscaptionPlugin:
+    def __init__(self, iface):
+        self.iface = iface
+        self.actions: list[QAction] = []
+        self.toolbar = None
+        self.dock = None
+        self.provider = None
+        self.runs: list = []  # CaptionRun objects, kept alive while their task runs
+
+    # -- QGIS hooks --------------------------------------------------------------------------------
+    def initProcessing(self):
+        from .processing_provider import RscaptionProvider
+
+        self.provider = RscaptionProvider()
+        QgsApplication.processingRegistry().addProvider(self.provider)
+
+    def initGui(self):
+        self.initProcessing()
+        self.toolbar = self.iface.addToolBar("rscaption")
+        self.toolbar.setObjectName("RscaptionToolbar")
+        self.caption_action = self._action("caption.svg", "Caption raster layer…", self.show_caption_dialog, toolbar=True)
+        self.search_action = self._action("search.svg", "Search captioned tiles", self.toggle_dock, toolbar=True)
+        self.search_action.setCheckable(True)
+        self.export_action = self._action("export.svg", "Export captioned tiles…", self.export_active_layer)
+        self.setup_action = self._action("setup.svg", "Set up backend…", self.show_setup_dialog)
+        self.settings_action = self._action("settings.svg", "Settings…", self.show_settings_dialog)
+        self.about_action = self._action("rscaption.svg", "About / diagnostics…", self.show_about_dialog)
+
+        from .dock import SearchDock
+
+        self.dock = SearchDock(self.iface, self.iface.mainWindow())
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
+        self.dock.hide()
+        self.dock.visibilityChanged.connect(self.search_action.setChecked)
+
+    def unload(self):
+        for run in list(self.runs):
+            run.cancel()
+        for action in self.actions:
+            self.iface.removePluginRasterMenu(MENU, action)
+            self.iface.removeToolBarIcon(action)
+        self.actions.clear()
+        if self.toolbar is not None:
+            self.toolbar.deleteLater()
+            self.toolbar = None
+        if self.dock is not None:
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        try:
+            from .backend_client import POOL
+
+            POOL.shutdown()
+        except Exception:
+            pass
+
+    def _action(self, icon: str, text: str, slot, toolbar: bool = False) -> QAction:
+        action = QAction(QIcon(icon_path(icon)), text, self.iface.mainWindow())
+        action.setObjectName("rscaption_" + text.split()[0].lower().strip("…"))
+        action.triggered.connect(lambda *_: slot())
+        self.iface.addPluginToRasterMenu(MENU, action)
+        if toolbar and self.toolbar is not None:
+            self.toolbar.addAction(action)
+        self.actions.append(action)
+        return action
+
+    # -- caption -------------------------------------------------------------------------------------
+    def show_caption_dialog(self):
+        from .dialog import CaptionDialog
+
+        dlg = CaptionDialog(self.iface)
+        if dlg.exec() and dlg.request is not None:
+            self.start_caption(dlg.request)
+
+    def start_caption(self, request, on_done=None):
+        """Start a caption run; returns the CaptionRun (tests wait on ``run.done``)."""
+        from .caption_run import CaptionRun
+
+        def finished(run):
+            if run in self.runs:
+                self.runs.remove(run)
+            LAST_BACKEND.update(run.backend)
+            if run.layer is not None and self.dock is not None:
+                self.dock.set_layer(run.layer)
+            if on_done is not None:
+                on_done(run)
+
+        run = CaptionRun(request, self.iface, on_done=finished)
+        run.task.backendReady.connect(LAST_BACKEND.update)
+        self.runs.append(run)
+        return run.start()
+
+    # -- search --------------------------------------------------------------------------------------
+    def toggle_dock(self):
+        if self.dock is None:
+            return
+        if self.dock.isVisible():
+            self.dock.hide()
+            return
+        active = self.iface.activeLayer()
+        if active is not None and is_tile_layer(active):
+            self.dock.set_layer(active)
+        self.dock.show()
+        self.dock.raise_()
+
+    # -- export --------------------------------------------------------------------------------------
+    def export_active_layer(self, dst: str | None = None):
+        from .export import ExportError, export_layer
+
+        layer = self.iface.activeLayer()
+        if layer is None or not is_tile_layer(layer):
+            self._warn("select a captioned tile layer (made by rscaption) in the Layers panel first")
+            return None
+        if dst is None:
+            dst, _ = QFileDialog.getSaveFileName(self.iface.mainWindow(), "Export captioned tiles",
+                                                 f"{layer.name()}.gpkg", "GeoPackage (*.gpkg)")
+            if not dst:
+                return None
+        try:
+            out = export_layer(layer, dst)
+        except (ExportError, OSError) as exc:
+            self._warn(f"export failed: {exc}")
+            return None
+        self.iface.messageBar().pushMessage("rscaption", f"exported to {out} (tiles, embeddings, metadata)",
+                                            Qgis.MessageLevel.Success, 6)
+        return out
+
+    # -- settings, setup, about ----------------------------------------------------------------------
+    def show_settings_dialog(self):
+        from .settings_dialog import SettingsDialog
+
+        SettingsDialog(self.iface.mainWindow()).exec()
+
+    def show_setup_dialog(self):
+        from .settings import PluginSettings
+        from .setup_backend import SetupBackendDialog
+
+        def use(python):
+            s = PluginSettings.load()
+            if not s.backend_python:
+                s.backend_python = python
+                s.save()
+
+        self._setup_dialog = SetupBackendDialog(self.iface.mainWindow(), on_success=use)
+        self._setup_dialog.show()
+
+    def show_about_dialog(self):
+        from .diagnostics import AboutDialog
+
+        AboutDialog(self.iface.mainWindow()).exec()
+
+    def _warn(self, text: str):
+        try:
+            self.iface.messageBar().pushMessage("rscaption", text, Qgis.MessageLevel.Warning, 6)
+        except Exception:
+            QMessageBox.warning(self.iface.mainWindow(), "rscaption", text)

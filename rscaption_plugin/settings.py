@@ -1,0 +1,52 @@
+"""User settings persisted with QgsSettings under ``rscaption/``.
+
+One small typed wrapper so the dialogs, the tasks and the Processing algorithms agree on keys
+and defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from qgis.core import QgsSettings
+
+PREFIX = "rscaption/"
+BACKEND_MODES = ("auto", "inprocess", "subprocess")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class PluginSettings:
+    backend_mode: str = "auto"  # auto: in-process when torch imports in QGIS, else subprocess
+    backend_python: str = ""  # empty: project .venv or the "Set up backend" env
+    default_model: str = "default"
+    device: str = "auto"
+    tile_size: int = 0  # 0: take it from the model card
+    overlap: int = 0
+    batch_size: int = 8
+
+    @classmethod
+    def load(cls) -> "PluginSettings":
+        s = QgsSettings()
+        out = cls()
+        for f in fields(cls):
+            default = getattr(out, f.name)
+            value = s.value(PREFIX + f.name, default)
+            try:
+                value = type(default)(value)
+            except (TypeError, ValueError):
+                value = default
+            setattr(out, f.name, value)
+        if out.backend_mode not in BACKEND_MODES:
+            out.backend_mode = "auto"
+        return out
+
+    def save(self) -> None:
+        s = QgsSettings()
+        for f in fields(self):
+            s.setValue(PREFIX + f.name, getattr(self, f.name))
+
+    def python(self) -> str | None:
+        from .paths import default_backend_python
+
+        return self.backend_python.strip() or default_backend_python()
