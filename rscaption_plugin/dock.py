@@ -71,7 +71,7 @@ class SearchDock(QgsDockWidget):
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setRange(-1.0, 1.0)
         self.threshold_spin.setSingleStep(0.05)
-        self.threshold_spin.setDecimals(3)
+        self.threshold_spin.setDecimals(4)
         self.threshold_spin.setValue(-1.0)
         row.addWidget(self.threshold_spin)
         lay.addLayout(row)

@@ -1,0 +1,292 @@
+"""The QGIS plugin through real PyQGIS (offscreen): load/unload, caption tasks with cancel and a
+killed backend, the search dock, export + reopen, the caption dialog, raster refusal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from test_plugin_support import ROOT, caption_request, gpkg_tile_count, tiny_model_dir, wait_until
+
+pytest.importorskip("qgis.core")
+
+from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def plugin(qgis_iface, qgis_new_project):
+    from rscaption_plugin import classFactory
+
+    p = classFactory(qgis_iface)
+    p.initGui()
+    yield p
+    p.unload()
+    QgsProject.instance().removeAllMapLayers()
+
+
+def test_loading_the_plugin_does_not_import_torch(tmp_path):
+    """QGIS loads enabled plugins at start-up: that must not pay for torch (or the models)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from unittest.mock import MagicMock
+        from qgis.core import QgsApplication
+        app = QgsApplication([], True)
+        app.initQgis()
+        from qgis.PyQt.QtWidgets import QMainWindow
+        win = QMainWindow()
+        iface = MagicMock()
+        iface.mainWindow.return_value = win
+        iface.addToolBar.side_effect = lambda name: win.addToolBar(name)
+        iface.activeLayer.return_value = None
+        import rscaption_plugin
+        plugin = rscaption_plugin.classFactory(iface)
+        plugin.initGui()
+        heavy = [m for m in ("torch", "rasterio", "transformers", "open_clip", "rscaption.pipeline",
+                             "rscaption.models", "rscaption.search") if m in sys.modules]
+        plugin.unload()
+        print("HEAVY", heavy)
+        sys.stdout.flush()
+        app.exitQgis()
+    """)
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_init_gui_and_unload(qgis_iface, qgis_new_project):
+    from rscaption_plugin import classFactory
+
+    p = classFactory(qgis_iface)
+    p.initGui()
+    names = [a.text() for a in p.actions]
+    assert any("Caption" in n for n in names) and any("Search" in n for n in names)
+    assert any("Export" in n for n in names) and any("Settings" in n for n in names)
+    assert any("Set up backend" in n for n in names) and any("About" in n for n in names)
+    assert all(not a.icon().isNull() for a in p.actions)
+    assert QgsApplication.processingRegistry().providerById("rscaption") is not None
+    assert p.dock is not None
+    p.toggle_dock()
+    p.unload()
+    assert QgsApplication.processingRegistry().providerById("rscaption") is None
+    assert p.actions == [] and p.dock is None
+
+
+def _run_to_end(plugin, request, timeout=180):
+    run = plugin.start_caption(request)
+    assert wait_until(lambda: run.done, timeout), "caption task did not finish"
+    return run
+
+
+def test_caption_task_produces_layer(plugin, geotiff, tiny, tmp_path):
+    raster = geotiff("RGB.byte.tif")
+    out = tmp_path / "caps.gpkg"
+    run = _run_to_end(plugin, caption_request(raster, out, tiny, tile_size=128))
+    assert run.outcome.ok, run.outcome.error
+    summary = run.outcome.summary
+    assert summary["written"] > 0 and summary["written"] + summary["skipped_nodata"] == summary["total"]
+    layer = run.layer
+    assert layer is not None and layer.isValid()
+    assert QgsProject.instance().mapLayer(layer.id()) is layer
+    assert layer.crs().authid() == "EPSG:32618"
+    assert layer.featureCount() == summary["written"] == gpkg_tile_count(out)
+    captions = [f["caption"] for f in layer.getFeatures()]
+    assert all(isinstance(c, str) and c.strip() for c in captions)
+    assert "caption" in layer.mapTipTemplate()
+    assert run.backend.get("device") == "cpu"
+    assert run.progress_seen and run.progress_seen[-1] == pytest.approx(100.0)
+
+
+def test_cancel_keeps_finished_tiles(plugin, geotiff, tiny, tmp_path):
+    out = tmp_path / "cancelled.gpkg"
+    run = plugin.start_caption(caption_request(geotiff("RGB.byte.tif"), out, tiny, tile_size=64, batch_size=4))
+    assert wait_until(lambda: run.tiles_seen > 0 or run.done, 120)
+    run.cancel()
+    assert wait_until(lambda: run.done, 120)
+    assert run.outcome.cancelled and not run.outcome.ok
+    kept = gpkg_tile_count(out)
+    assert 0 < kept < 12 * 12  # 791x718 px at 64 px -> 13x12 windows; most never ran
+    assert run.layer is not None and run.layer.featureCount() == kept
+
+
+def test_killed_backend_fails_clearly_and_keeps_tiles(plugin, geotiff, tiny, tmp_path):
+    from rscaption_plugin.backend_client import POOL
+
+    out = tmp_path / "killed.gpkg"
+    request = caption_request(geotiff("RGB.byte.tif"), out, tiny, mode="subprocess", python=sys.executable,
+                              tile_size=64, batch_size=4)
+    run = plugin.start_caption(request)
+    assert wait_until(lambda: run.tiles_seen > 0 or run.done, 180)
+    busy = [c for c in POOL.clients() if c.lock.locked() and c.alive()]
+    assert busy, "no running backend subprocess found"
+    os.kill(busy[0].pid, signal.SIGKILL)
+    assert wait_until(lambda: run.done, 60)
+    assert not run.outcome.ok and not run.outcome.cancelled
+    assert "stopped unexpectedly" in run.outcome.error and "signal 9" in run.outcome.error
+    kept = gpkg_tile_count(out)
+    assert kept > 0
+    assert run.layer is not None and run.layer.featureCount() == kept
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory, tiny):
+    """A captioned GeoPackage made by the backend directly (the dock tests only read it)."""
+    from rscaption.pipeline import caption_raster
+    from rscaption.tiling import TilingParams
+
+    from conftest import geotiff_path
+
+    raster = geotiff_path("RGB.byte.tif")
+    out = tmp_path_factory.mktemp("captioned") / "tiles.gpkg"
+    caption_raster(str(raster), str(out), model=tiny, tiling=TilingParams(tile_size=128), batch_size=8)
+    return out
+
+
+def _search_with_dock(dock, layer, query, k=5):
+    dock.set_layer(layer)
+    dock.k_spin.setValue(k)
+    task = dock.search(query)
+    assert task is not None, dock.status.text()
+    assert wait_until(lambda: not dock.searching, 120)
+    assert dock.error is None, dock.error
+    return [(h["tile_id"], round(h["score"], 5)) for h in dock.hits]
+
+
+def test_search_dock_ranks_selects_and_zooms(plugin, captioned):
+    from rscaption.search import search_store
+
+    layer = QgsVectorLayer(f"{captioned}|layername=tiles", "tiles", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    dock = plugin.dock
+    ranked = _search_with_dock(dock, layer, "a river with green fields", k=5)
+    assert len(ranked) == 5
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True)
+    expected = [(h.tile_id, round(h.score, 5)) for h in search_store(str(captioned), "a river with green fields", k=5)]
+    assert ranked == expected
+    assert layer.selectedFeatureCount() == 5
+    assert {f["tile_id"] for f in layer.selectedFeatures()} == {t for t, _ in ranked}
+    assert dock.results.count() == 5 and dock.results.item(0).text().split()[1].startswith("0.")
+    assert layer.renderer().type() == "RuleRenderer"
+    dock.step(1)
+    assert dock.results.currentRow() == 1
+    dock.step(-1)
+    assert dock.results.currentRow() == 0
+    assert dock.zoom_to_row(2)
+    # the threshold hides weaker matches
+    raw = [h.score for h in search_store(str(captioned), "a river with green fields", k=5)]
+    dock.threshold_spin.setValue((raw[1] + raw[2]) / 2)
+    cut = dock.threshold_spin.value()
+    _search_with_dock(dock, layer, "a river with green fields", k=5)
+    assert len(dock.hits) == sum(1 for s in raw if s >= cut) < 5
+    assert layer.selectedFeatureCount() == len(dock.hits)
+
+
+def test_export_reopen_search_same_ranking(plugin, captioned, tmp_path):
+    from rscaption.search import search_store
+
+    from rscaption_plugin.export import export_layer
+    from rscaption_plugin.layers import is_tile_layer
+
+    layer = QgsVectorLayer(f"{captioned}|layername=tiles", "tiles", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    before = _search_with_dock(plugin.dock, layer, "dense residential area", k=8)
+
+    plugin.iface.setActiveLayer(layer)
+    exported = plugin.export_active_layer(str(tmp_path / "exported.gpkg"))
+    assert exported and os.path.isfile(exported)
+    QgsProject.instance().removeAllMapLayers()
+
+    reopened = QgsVectorLayer(f"{exported}|layername=tiles", "reopened", "ogr")
+    assert reopened.isValid() and is_tile_layer(reopened)
+    QgsProject.instance().addMapLayer(reopened)
+    after = _search_with_dock(plugin.dock, reopened, "dense residential area", k=8)
+    assert after == before
+    cli = [(h.tile_id, round(h.score, 5)) for h in search_store(exported, "dense residential area", k=8)]
+    assert cli == before
+
+
+def test_caption_dialog_builds_request(qgis_iface, qgis_new_project, geotiff, tiny):
+    from qgis.core import QgsFeature, QgsGeometry, QgsRectangle
+
+    from rscaption_plugin.dialog import EXTENT_CANVAS, EXTENT_SELECTION, CaptionDialog
+
+    raster = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
+    QgsProject.instance().addMapLayer(raster)
+    qgis_iface.setActiveLayer(raster)
+    dlg = CaptionDialog(qgis_iface)
+    assert dlg.layer_combo.currentLayer() is raster
+    dlg.model_combo.setCurrentText(tiny)
+    assert dlg.tile_spin.value() == 256  # from the tiny model's card
+    dlg.tile_spin.setValue(64)
+    dlg.bands_edit.setText("3,2,1")
+    req = dlg.build_request()
+    assert req.job.raster.endswith("RGB.byte.tif") and req.job.out.endswith(".gpkg")
+    assert req.job.tile_size == 64 and req.job.bands == [3, 2, 1] and req.job.extent is None
+    assert req.temporary
+
+    # union bbox of selected polygons, given in another CRS (WGS84) -> raster CRS
+    poly = QgsVectorLayer("Polygon?crs=EPSG:32618", "aoi", "memory")
+    ext = raster.extent()
+    feats = []
+    for dx in (0.1, 0.5):
+        f = QgsFeature()
+        f.setGeometry(QgsGeometry.fromRect(QgsRectangle(ext.xMinimum() + ext.width() * dx, ext.yMinimum() + ext.height() * 0.2,
+                                                        ext.xMinimum() + ext.width() * (dx + 0.2), ext.yMinimum() + ext.height() * 0.4)))
+        feats.append(f)
+    poly.dataProvider().addFeatures(feats)
+    QgsProject.instance().addMapLayer(poly)
+    poly.selectAll()
+    dlg.extent_combo.setCurrentIndex(dlg.extent_combo.findData(EXTENT_SELECTION))
+    dlg.mask_combo.setLayer(poly)
+    xmin, ymin, xmax, ymax = dlg.build_request().job.extent
+    assert xmin == pytest.approx(ext.xMinimum() + ext.width() * 0.1)
+    assert xmax == pytest.approx(ext.xMinimum() + ext.width() * 0.7)
+    assert ymin == pytest.approx(ext.yMinimum() + ext.height() * 0.2)
+
+    poly.removeSelection()
+    with pytest.raises(ValueError, match="no features are selected"):
+        dlg.build_request()
+    dlg.extent_combo.setCurrentIndex(dlg.extent_combo.findData(EXTENT_CANVAS))
+    qgis_iface.mapCanvas().setDestinationCrs(raster.crs())
+    qgis_iface.mapCanvas().setExtent(ext)
+    assert dlg.build_request().job.extent is not None
+
+
+def test_web_raster_is_refused_with_a_clear_message(qgis_new_project):
+    from rscaption_plugin.raster_source import RasterSourceError, check_raster
+
+    xyz = QgsRasterLayer("type=xyz&url=http://tile.example.invalid/{z}/{x}/{y}.png&zmax=19&zmin=0", "osm", "wms")
+    with pytest.raises(RasterSourceError, match="web"):
+        check_raster(xyz)
+
+
+def test_settings_round_trip(qgis_app):
+    from rscaption_plugin.settings import PluginSettings
+
+    s = PluginSettings(backend_mode="subprocess", backend_python="/x/python", default_model="m", device="cpu",
+                       tile_size=128, overlap=8, batch_size=4)
+    s.save()
+    again = PluginSettings.load()
+    assert again == s
+    PluginSettings().save()
+
+
+def test_diagnostics_text(qgis_app):
+    from rscaption_plugin.diagnostics import AboutDialog, collect
+
+    text = collect()
+    for key in ("QGIS:", "QGIS Python:", "backend Python:", "default model:", "device setting:"):
+        assert key in text
+    dlg = AboutDialog()
+    assert "rscaption diagnostics" in dlg.copy()
