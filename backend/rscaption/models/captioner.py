@@ -296,7 +296,7 @@ class Captioner(nn.Module):
                     if s > -float("inf"):
                         hyps[i].append((s / n ** length_penalty, s / n, seqs[i * k + j].tolist()))
                 hyps[i].sort(key=lambda h: -h[0])
-            best = hyps[i][0]
+            best = hyps[i][0] if hyps[i] else (-float("inf"), -float("inf"), [])
             out_ids.append(best[2])
             out_scores.append(best[1])
         return out_ids, out_scores

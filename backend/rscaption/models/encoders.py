@@ -295,8 +295,9 @@ def load_hf_dir(directory: Path, what: str):
     if not Path(directory, "config.json").is_file():
         raise ModelError(f"{what} directory is missing or incomplete: {directory}")
     try:
-        model = AutoModel.from_pretrained(str(directory), dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        with quiet_loading():
+            model = AutoModel.from_pretrained(str(directory), dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:
         raise ModelError(f"cannot load {what} from {directory}: {str(exc).splitlines()[0]}") from None
     return model.eval(), tokenizer
