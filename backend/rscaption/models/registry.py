@@ -6,8 +6,8 @@ Accepted names, in the order they are tried:
   else the first ``resources/default_model/config.json`` found walking up from this package (the
   backend bundled inside the plugin zip).
 - a name added with ``register_model(name, path)``.
-- ``"tiny"`` / ``"tiny-open_clip"`` / ``"tiny-hf_clip"`` / ``"tiny-lit"``: tiny random captioners
-  (tests, `make demo` before the default model exists).
+- ``"tiny"``, ``"tiny-<open_clip|hf_clip|lit>[-<linear|mlp|transformer>][-seed<N>]"``: tiny random
+  captioners (tests, `make demo` before the default model exists); deterministic per name.
 - an existing directory: an rscaption checkpoint (full captioner), or a bare transformers CLIP dir
   or an open_clip dir (``open_clip_config.json``), which give a *search-only* model.
 - ``"hf-hub:org/name"`` or ``"ViT-B-32/openai"`` style tags: open_clip public weights.
@@ -31,6 +31,32 @@ from ..errors import ModelError
 DEFAULT_NAME = "default"
 _REGISTERED: dict[str, str] = {}
 TINY_KINDS = ("open_clip", "hf_clip", "lit")
+
+
+def tiny_name(kind: str = "open_clip", mapping: str = "mlp", seed: int = 0) -> str:
+    """The loadable name of a tiny model, used as its model_id (so a run made with an in-memory
+    tiny model can be searched again by name)."""
+    return "tiny-" + "-".join([kind] + ([mapping] if mapping != "mlp" else []) + ([f"seed{seed}"] if seed else []))
+
+
+def parse_tiny_name(name: str) -> dict | None:
+    """'tiny', 'tiny-lit', 'tiny-hf_clip-transformer-seed3' -> build_tiny_captioner kwargs."""
+    from .mapping import MAPPINGS
+
+    if name == "tiny":
+        return {"kind": "open_clip"}
+    parts = name.split("-")
+    if parts[0] != "tiny" or len(parts) < 2 or parts[1] not in TINY_KINDS:
+        return None
+    out = {"kind": parts[1]}
+    for p in parts[2:]:
+        if p in MAPPINGS:
+            out["mapping"] = p
+        elif p.startswith("seed") and p[4:].isdigit():
+            out["seed"] = int(p[4:])
+        else:
+            return None
+    return out
 
 
 def register_model(name: str, path) -> None:
@@ -112,10 +138,11 @@ def load_model(name_or_path="default", device=None, dtype=None):
         return cap
     if name in _REGISTERED:
         return load_checkpoint(_REGISTERED[name], device, dtype)
-    if name == "tiny" or (name.startswith("tiny-") and name[5:] in TINY_KINDS):
+    tiny = parse_tiny_name(name)
+    if tiny is not None:
         from .tiny import build_tiny_captioner
 
-        return build_tiny_captioner(name[5:] if name != "tiny" else "open_clip").to_device(device, dtype)
+        return build_tiny_captioner(**tiny).to_device(device, dtype)
 
     path = Path(name).expanduser()
     if path.exists():

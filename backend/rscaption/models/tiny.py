@@ -138,4 +138,7 @@ def build_tiny_captioner(kind: str = "open_clip", mapping: str = "mlp", seed: in
     torch.manual_seed(seed)
     card = {"description": f"tiny random {kind} captioner for tests and demos (captions are meaningless)",
             "lm": "tiny-gpt2", "tile_size": 256, "ground_resolution_m": None, "trained_on": None}
-    return Captioner(encoder, build_mapping(mcfg), lm, tokenizer, card=card, model_id=f"tiny-{kind}-{mapping}")
+    from .registry import tiny_name
+
+    name = tiny_name(kind, mapping, seed) if prefix_length == 4 else f"tiny-{kind}-{mapping}-p{prefix_length}"
+    return Captioner(encoder, build_mapping(mcfg), lm, tokenizer, card=card, model_id=name)
