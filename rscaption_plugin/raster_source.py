@@ -83,7 +83,7 @@ def export_to_geotiff(layer: QgsRasterLayer, extent: QgsRectangle | None = None,
         raise RasterSourceError(f"cannot read '{layer.name()}' for export")
     writer = QgsRasterFileWriter(path)
     writer.setOutputFormat("GTiff")
-    err = writer.writeRaster(pipe, width, height, extent, layer.crs())
+    err = writer.writeRaster(pipe, width, height, extent, layer.crs(), QgsProject.instance().transformContext())
     if err != QgsRasterFileWriter.WriterError.NoError:
         raise RasterSourceError(f"writing a temporary GeoTIFF for '{layer.name()}' failed (error {int(err)})")
     return path

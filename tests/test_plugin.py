@@ -290,3 +290,20 @@ def test_diagnostics_text(qgis_app):
         assert key in text
     dlg = AboutDialog()
     assert "rscaption diagnostics" in dlg.copy()
+
+
+def test_non_file_raster_can_be_written_to_a_temporary_geotiff(qgis_new_project, geotiff, tmp_path):
+    """The fallback for local layers rasterio cannot open: raw bands for the extent, same CRS."""
+    from qgis.core import QgsRectangle
+
+    from rscaption_plugin.raster_source import export_to_geotiff, raster_file_path
+
+    layer = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
+    ext = layer.extent()
+    half = QgsRectangle(ext.xMinimum(), ext.yMinimum(), ext.center().x(), ext.center().y())
+    path = export_to_geotiff(layer, half, str(tmp_path / "part.tif"))
+    out = QgsRasterLayer(path, "part")
+    assert out.isValid() and raster_file_path(out) == path
+    assert out.crs() == layer.crs() and out.bandCount() == 3
+    assert abs(out.width() - layer.width() / 2) <= 1 and abs(out.height() - layer.height() / 2) <= 1
+    assert out.extent().xMaximum() == pytest.approx(ext.center().x(), abs=layer.rasterUnitsPerPixelX())

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Make docs/screenshot.png: the real QGIS desktop (under Xvfb) with the installed plugin, a
+captioned tile layer over a shared GeoTIFF and the search dock showing ranked results.
+
+    .venv/bin/python tools/screenshot.py [--raster PATH] [--query TEXT] [--model default|DIR]
+
+Steps: package + install the plugin into a throw-away QGIS profile; caption the raster with the
+backend (the same pipeline the plugin runs); start ``qgis --code`` under ``xvfb-run``, where a
+script loads the layers, starts the plugin, runs a search through the dock (the plugin's
+subprocess backend, since QGIS's Python has no torch) and grabs the main window.
+Needs the ``qgis`` and ``xvfb`` Debian packages and ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+DEFAULT_RASTER = ROOT.parent / "shared" / "data" / "geotiff" / "m_4709963_se_14_1_20200831.tif"
+
+SHOT = textwrap.dedent(r"""
+    import json, sys, time
+    from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer, QgsSettings
+    from qgis.PyQt.QtCore import QTimer, Qt
+    from qgis.PyQt.QtWidgets import QApplication
+    import qgis.utils
+    from qgis.utils import iface
+
+    CFG = json.loads(__CFG__)
+    s = QgsSettings()
+    s.setValue("rscaption/backend_mode", "subprocess")
+    s.setValue("rscaption/backend_python", CFG["python"])
+    s.setValue("rscaption/device", "cpu")
+
+    raster = QgsRasterLayer(CFG["raster"], "NAIP 2020 (shared GeoTIFF)")
+    r = raster.renderer()
+    if raster.bandCount() >= 3 and hasattr(r, "setRedBand"):
+        r.setRedBand(1); r.setGreenBand(2); r.setBlueBand(3)
+    QgsProject.instance().addMapLayer(raster)
+    tiles = QgsVectorLayer(CFG["gpkg"] + "|layername=tiles", "captions", "ogr")
+    QgsProject.instance().addMapLayer(tiles)
+    qgis.utils.loadPlugin("rscaption_plugin")
+    qgis.utils.startPlugin("rscaption_plugin")
+    plugin = qgis.utils.plugins["rscaption_plugin"]
+    from rscaption_plugin.layers import apply_default_style
+    apply_default_style(tiles)
+    tiles.setLabelsEnabled(False)
+    iface.setActiveLayer(tiles)
+    from qgis.PyQt.QtGui import QColor
+    from qgis.PyQt.QtWidgets import QDockWidget
+    QgsProject.instance().setSelectionColor(QColor(255, 255, 0, 70))
+    iface.mapCanvas().setSelectionColor(QColor(255, 255, 0, 70))
+    for d in iface.mainWindow().findChildren(QDockWidget):
+        if d.objectName() in ("Browser", "Browser2", "AdvancedDigitizingTools", "ProcessingToolbox"):
+            d.hide()
+    iface.mainWindow().showNormal()
+    iface.mainWindow().setGeometry(0, 0, CFG["width"], CFG["height"])
+    canvas = iface.mapCanvas()
+    canvas.setExtent(raster.extent())
+    canvas.refresh()
+    dock = plugin.dock
+    plugin.toggle_dock()
+    dock.set_layer(tiles)
+    dock.k_spin.setValue(CFG["k"])
+    dock.setMinimumWidth(430)
+    state = {"t0": time.time(), "searched": False}
+
+    def shoot():
+        iface.mainWindow().grab().save(CFG["out"], "PNG")
+        print("SHOT", CFG["out"], "hits", len(dock.hits), "status", dock.status.text(), flush=True)
+        from rscaption_plugin.backend_client import POOL
+        POOL.shutdown()
+        QApplication.instance().quit()
+
+    def poll():
+        if not state["searched"]:
+            state["searched"] = True
+            dock.search(CFG["query"])
+        elif not dock.searching:
+            if dock.hits:
+                dock.results.setCurrentRow(0)
+                canvas.setExtent(raster.extent())
+                canvas.refresh()
+            QTimer.singleShot(2500, shoot)
+            return
+        if time.time() - state["t0"] > 240:
+            shoot(); return
+        QTimer.singleShot(500, poll)
+
+    QTimer.singleShot(3000, poll)
+""")
+
+
+def caption(python: str, raster: str, gpkg: str, model: str, tile_size: int | None) -> None:
+    code = textwrap.dedent(f"""
+        from rscaption.pipeline import caption_raster
+        from rscaption.tiling import TilingParams
+        tiling = TilingParams(tile_size={tile_size}, bands=(1, 2, 3)) if {tile_size!r} else None
+        if tiling is None:
+            from rscaption.models.registry import load_model
+            cap = load_model({model!r})
+            tiling = TilingParams(tile_size=int(cap.card.get("tile_size") or 256), bands=(1, 2, 3))
+            model = cap
+        else:
+            model = {model!r}
+        s = caption_raster({raster!r}, {gpkg!r}, model=model, tiling=tiling, batch_size=8, overwrite=True)
+        print(s.one_line())
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "backend"), HF_HUB_OFFLINE="1")
+    subprocess.run([python, "-c", code], check=True, env=env)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--raster", default=str(DEFAULT_RASTER))
+    p.add_argument("--query", default="a residential area with houses and trees")
+    p.add_argument("--model", default=None, help="default (when installed) or a checkpoint dir; else a tiny model")
+    p.add_argument("--tile-size", type=int, default=None)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
+    p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
+    args = p.parse_args(argv)
+    if not Path(args.raster).is_file():
+        print(f"raster not found: {args.raster} (needs ../shared/data)")
+        return 2
+    if shutil.which("qgis") is None or shutil.which("xvfb-run") is None:
+        print("needs the Debian packages qgis and xvfb: apt-get install -y --no-install-recommends qgis xvfb")
+        return 2
+
+    import package_plugin
+
+    work = Path(tempfile.mkdtemp(prefix="rscaption-shot-"))
+    home = work / "home"
+    plugins = home / ".local/share/QGIS/QGIS3/profiles/default/python/plugins"
+    package_plugin.install(package_plugin.build(work / "dist"), plugins)
+
+    model = args.model
+    if model is None:
+        model = "default" if (ROOT / "resources" / "default_model" / "config.json").is_file() else None
+    if model is None:
+        model = str(work / "tiny-model")
+        subprocess.run([args.python, "-c", f"from rscaption.models.tiny import build_tiny_captioner as b; "
+                                           f"b().save({model!r})"], check=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT / "backend")))
+        print("no default model yet: using a tiny random model (captions are meaningless)")
+    gpkg = str(work / "captions.gpkg")
+    caption(args.python, args.raster, gpkg, model, args.tile_size)
+
+    raw = work / "raw.png"
+    import json
+
+    cfg = {"raster": args.raster, "gpkg": gpkg, "python": args.python, "query": args.query, "k": args.k,
+           "out": str(raw), "width": 1600, "height": 1000}
+    shot = work / "shot.py"
+    shot.write_text(SHOT.replace("__CFG__", repr(json.dumps(cfg))), encoding="utf-8")
+    env = dict(os.environ, HOME=str(home), HF_HUB_OFFLINE="1")
+    env.pop("QT_QPA_PLATFORM", None)
+    cmd = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", "qgis", "--nologo", "--noversioncheck", "--code", str(shot)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    print("\n".join(line for line in proc.stdout.splitlines() if "SHOT" in line))
+    if not raw.is_file():
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        return 1
+    shrink(raw, Path(args.out))
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e3:.0f} kB)")
+    return 0
+
+
+def shrink(src: Path, dst: Path, limit: int = 500_000) -> None:
+    """Keep the PNG under ``limit`` bytes: palette-quantise, then downscale if still too big."""
+    from PIL import Image
+
+    img = Image.open(src).convert("RGB")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for width in (img.width, 1400, 1200, 1000):
+        im = img if width == img.width else img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+        im.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+        if dst.stat().st_size <= limit:
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main())
