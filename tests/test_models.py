@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,16 +326,14 @@ def test_lit_checkpoint_references_packaged_text_tower(tmp_path):
     np.testing.assert_allclose(back.embed_images(images(2, 64)), cap.embed_images(images(2, 64)), atol=1e-5)
 
 
-UCM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucm_captions" / "imgs"
-
-
 @pytest.mark.slow
 @pytest.mark.needs_data
 def test_pretrained_efficientnet_features_are_sensible():
     """Positional renaming could 'load' every tensor into the wrong slot with matching shapes;
     real ImageNet features must separate UCM scene classes better than random ones."""
-    if not UCM.is_dir():
-        pytest.skip(f"shared data not found at {UCM}")
+    from conftest import require_shared
+
+    UCM = require_shared("ucm_captions", "imgs")
     import timm
     from PIL import Image
 
