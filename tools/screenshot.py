@@ -4,10 +4,10 @@ captioned tile layer over a shared GeoTIFF and the search dock showing ranked re
 
     .venv/bin/python tools/screenshot.py [--raster PATH] [--query TEXT] [--model default|DIR]
 
-Steps: package + install the plugin into a throw-away QGIS profile; caption the raster with the
-backend (the same pipeline the plugin runs); start ``qgis --code`` under ``xvfb-run``, where a
-script loads the layers, starts the plugin, runs a search through the dock (the plugin's
-subprocess backend, since QGIS's Python has no torch) and grabs the main window.
+Steps: package + install the plugin into a throw-away QGIS profile, start ``qgis --code`` under
+``xvfb-run``, where a script loads the raster, starts the plugin, captions the raster through the
+plugin's caption dialog + task (subprocess backend, since QGIS's Python has no torch), runs a
+search through the dock and grabs the main window.
 Needs the ``qgis`` and ``xvfb`` Debian packages and ../shared/data.
 """
 
@@ -45,15 +45,24 @@ SHOT = textwrap.dedent(r"""
     if raster.bandCount() >= 3 and hasattr(r, "setRedBand"):
         r.setRedBand(1); r.setGreenBand(2); r.setBlueBand(3)
     QgsProject.instance().addMapLayer(raster)
-    tiles = QgsVectorLayer(CFG["gpkg"] + "|layername=tiles", "captions", "ogr")
-    QgsProject.instance().addMapLayer(tiles)
     qgis.utils.loadPlugin("rscaption_plugin")
     qgis.utils.startPlugin("rscaption_plugin")
     plugin = qgis.utils.plugins["rscaption_plugin"]
-    from rscaption_plugin.layers import apply_default_style
-    apply_default_style(tiles)
-    tiles.setLabelsEnabled(False)
-    iface.setActiveLayer(tiles)
+    iface.setActiveLayer(raster)
+    # Caption through the plugin itself: the dialog builds the request, a QgsTask runs it with
+    # the subprocess backend (QGIS's Python has no torch) and the layer fills in as batches land.
+    from rscaption_plugin.dialog import CaptionDialog
+    dlg = CaptionDialog(iface)
+    dlg.model_combo.setCurrentText(CFG["model"])
+    if CFG["tile_size"]:
+        dlg.tile_spin.setValue(CFG["tile_size"])
+    dlg.bands_edit.setText("1,2,3")
+    dlg.output_combo.setCurrentIndex(dlg.output_combo.findData("file"))
+    dlg.output_file.setFilePath(CFG["gpkg"])
+    dlg.mode_combo.setCurrentIndex(dlg.mode_combo.findData("subprocess"))
+    request = dlg.build_request()
+    request.layer_name = "captions"
+    run = plugin.start_caption(request)
     from qgis.PyQt.QtGui import QColor
     from qgis.PyQt.QtWidgets import QDockWidget
     QgsProject.instance().setSelectionColor(QColor(255, 255, 0, 70))
@@ -68,7 +77,6 @@ SHOT = textwrap.dedent(r"""
     canvas.refresh()
     dock = plugin.dock
     plugin.toggle_dock()
-    dock.set_layer(tiles)
     dock.k_spin.setValue(CFG["k"])
     dock.setMinimumWidth(430)
     state = {"t0": time.time(), "searched": False}
@@ -81,7 +89,15 @@ SHOT = textwrap.dedent(r"""
         QApplication.instance().quit()
 
     def poll():
+        if not run.done:
+            QTimer.singleShot(500, poll)
+            return
         if not state["searched"]:
+            print("CAPTION", run.outcome, flush=True)
+            tiles = run.layer
+            tiles.setLabelsEnabled(False)
+            iface.setActiveLayer(tiles)
+            dock.set_layer(tiles)
             state["searched"] = True
             dock.search(CFG["query"])
         elif not dock.searching:
@@ -91,31 +107,12 @@ SHOT = textwrap.dedent(r"""
                 canvas.refresh()
             QTimer.singleShot(2500, shoot)
             return
-        if time.time() - state["t0"] > 240:
+        if time.time() - state["t0"] > 420:
             shoot(); return
         QTimer.singleShot(500, poll)
 
     QTimer.singleShot(3000, poll)
 """)
-
-
-def caption(python: str, raster: str, gpkg: str, model: str, tile_size: int | None) -> None:
-    code = textwrap.dedent(f"""
-        from rscaption.pipeline import caption_raster
-        from rscaption.tiling import TilingParams
-        tiling = TilingParams(tile_size={tile_size}, bands=(1, 2, 3)) if {tile_size!r} else None
-        if tiling is None:
-            from rscaption.models.registry import load_model
-            cap = load_model({model!r})
-            tiling = TilingParams(tile_size=int(cap.card.get("tile_size") or 256), bands=(1, 2, 3))
-            model = cap
-        else:
-            model = {model!r}
-        s = caption_raster({raster!r}, {gpkg!r}, model=model, tiling=tiling, batch_size=8, overwrite=True)
-        print(s.one_line())
-    """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "backend"), HF_HUB_OFFLINE="1")
-    subprocess.run([python, "-c", code], check=True, env=env)
 
 
 def main(argv=None) -> int:
@@ -152,20 +149,19 @@ def main(argv=None) -> int:
                        env=dict(os.environ, PYTHONPATH=str(ROOT / "backend")))
         print("no default model yet: using a tiny random model (captions are meaningless)")
     gpkg = str(work / "captions.gpkg")
-    caption(args.python, args.raster, gpkg, model, args.tile_size)
-
     raw = work / "raw.png"
     import json
 
     cfg = {"raster": args.raster, "gpkg": gpkg, "python": args.python, "query": args.query, "k": args.k,
-           "out": str(raw), "width": 1600, "height": 1000}
+           "out": str(raw), "width": 1600, "height": 1000,
+           "model": model, "tile_size": args.tile_size}
     shot = work / "shot.py"
     shot.write_text(SHOT.replace("__CFG__", repr(json.dumps(cfg))), encoding="utf-8")
     env = dict(os.environ, HOME=str(home), HF_HUB_OFFLINE="1")
     env.pop("QT_QPA_PLATFORM", None)
     cmd = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", "qgis", "--nologo", "--noversioncheck", "--code", str(shot)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    print("\n".join(line for line in proc.stdout.splitlines() if "SHOT" in line))
+    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith(("SHOT", "CAPTION"))))
     if not raw.is_file():
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         return 1
