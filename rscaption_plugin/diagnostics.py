@@ -46,7 +46,7 @@ def collect(settings: PluginSettings | None = None, probe: dict | None = None) -
         "rscaption diagnostics",
         f"plugin:          {plugin_version()} ({PLUGIN_DIR})",
         f"QGIS:            {Qgis.QGIS_VERSION} (Qt {QT_VERSION_STR}, GDAL {gdal_version})",
-        f"QGIS Python:     {sys.version.split()[0]} ({sys.executable})",
+        f"QGIS Python:     {sys.version.split()[0]} ({sys.base_exec_prefix})",
         f"platform:        {platform.platform()}",
         f"backend source:  {backend_dir()}",
         f"backend mode:    {settings.backend_mode} (torch importable in QGIS: {torch_importable()})",

@@ -38,14 +38,15 @@ SKIP_REQUIREMENTS = ("pytest", "pytest-qgis", "pycocoevalcap")
 
 
 def base_python() -> str:
-    """A real interpreter to create the venv from (inside QGIS, sys.executable is QGIS itself)."""
-    candidates = []
+    """The interpreter QGIS itself embeds, to create the venv from. Inside QGIS ``sys.executable``
+    is QGIS or whatever ``python3`` is first on PATH (seen: a pyenv shim), so derive it from
+    ``sys.base_exec_prefix`` and the running version instead."""
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    prefix = Path(sys.base_exec_prefix)
     if sys.platform == "win32":
-        candidates.append(Path(sys.exec_prefix) / "python.exe")
-    candidates += [Path("/usr/bin/python3"), Path(sys.exec_prefix) / "bin" / "python3"]
-    exe = Path(sys.executable)
-    if exe.name.startswith("python"):
-        candidates.insert(0, exe)
+        candidates = [prefix / "python.exe", prefix / "python3.exe"]
+    else:
+        candidates = [prefix / "bin" / f"python{ver}", prefix / "bin" / "python3", Path(f"/usr/bin/python{ver}")]
     for cand in candidates:
         if cand.exists():
             return str(cand)
@@ -149,15 +150,27 @@ class SetupBackendDialog(QDialog):
         self.start_button.clicked.connect(self.start)
         self.copy_button = QPushButton("Copy log")
         self.copy_button.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.log.toPlainText()))
+        self.diag_button = QPushButton("Copy diagnostics")
+        self.diag_button.clicked.connect(self.copy_diagnostics)
         self.cancel_button = QPushButton("Stop")
         self.cancel_button.clicked.connect(self.stop)
         self.cancel_button.setEnabled(False)
         buttons.addButton(self.start_button, QDialogButtonBox.ButtonRole.ActionRole)
         buttons.addButton(self.copy_button, QDialogButtonBox.ButtonRole.ActionRole)
+        buttons.addButton(self.diag_button, QDialogButtonBox.ButtonRole.ActionRole)
         buttons.addButton(self.cancel_button, QDialogButtonBox.ButtonRole.ActionRole)
         buttons.addButton(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
         lay.addWidget(buttons)
+
+    def copy_diagnostics(self) -> str:
+        """Diagnostics plus the end of the setup log: what a bug report about setup needs."""
+        from .diagnostics import collect
+
+        tail = "\n".join(self.log.toPlainText().splitlines()[-40:])
+        text = collect() + (f"\n\nsetup log (last lines):\n{tail}" if tail else "")
+        QGuiApplication.clipboard().setText(text)
+        return text
 
     def start(self) -> None:
         self.target = Path(self.target_edit.text().strip() or backend_venv_dir())

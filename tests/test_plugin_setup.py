@@ -64,6 +64,8 @@ def test_setup_dialog_runs_steps_in_order(qgis_app, tmp_path):
     assert dlg.succeeded and done
     log = dlg.log.toPlainText()
     assert log.index("step one") < log.index("step two")
+    diag = dlg.copy_diagnostics()
+    assert "rscaption diagnostics" in diag and "step two" in diag
 
     failing = SetupBackendDialog(target=tmp_path / "env2", steps=[("bad", [sys.executable, "-c", "raise SystemExit(3)"])])
     failing.start()
