@@ -32,7 +32,7 @@ from qgis.core import (
     QgsProcessingParameterVectorLayer,
     QgsProcessingProvider,
 )
-from qgis.PyQt.QtCore import QVariant
+from qgis.core import Qgis
 from qgis.PyQt.QtGui import QIcon
 
 from .layers import gpkg_path_of, is_rscaption_gpkg, tile_filter
@@ -40,6 +40,17 @@ from .paths import icon_path
 from .raster_source import RasterSourceError, check_raster
 from .runner import Callbacks, CaptionJob, RunError, run_caption, run_search
 from .settings import BACKEND_MODES, PluginSettings
+
+
+def _field_types():
+    """QGIS >= 3.38 (and QGIS 4 / Qt6, where QVariant.Type is gone) takes QMetaType types."""
+    if Qgis.QGIS_VERSION_INT >= 33800:
+        from qgis.PyQt.QtCore import QMetaType
+
+        return QMetaType.Type.Int, QMetaType.Type.Double
+    from qgis.PyQt.QtCore import QVariant
+
+    return QVariant.Int, QVariant.Double
 
 
 def _settings() -> PluginSettings:
@@ -215,8 +226,9 @@ class SearchAlgorithm(QgsProcessingAlgorithm):
         hits = [h for h in hits if h.get("score") is None or h["score"] >= threshold]
 
         fields = QgsFields(layer.fields())
-        fields.append(QgsField("rank", QVariant.Int))
-        fields.append(QgsField("score", QVariant.Double))
+        int_type, double_type = _field_types()
+        fields.append(QgsField("rank", int_type))
+        fields.append(QgsField("score", double_type))
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, fields, layer.wkbType(), layer.crs())
         by_id = {}
         if hits:
