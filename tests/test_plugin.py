@@ -307,3 +307,26 @@ def test_non_file_raster_can_be_written_to_a_temporary_geotiff(qgis_new_project,
     assert out.crs() == layer.crs() and out.bandCount() == 3
     assert abs(out.width() - layer.width() / 2) <= 1 and abs(out.height() - layer.height() / 2) <= 1
     assert out.extent().xMaximum() == pytest.approx(ext.center().x(), abs=layer.rasterUnitsPerPixelX())
+
+
+def test_caption_with_the_embedded_default_model(plugin, geotiff, tmp_path):
+    """The shipped model through the plugin path ("default", tile size from its card)."""
+    from rscaption_plugin.model_card import card_tile_size
+    from rscaption_plugin.paths import default_model_dir
+
+    if default_model_dir() is None:
+        pytest.skip("no default model in resources/default_model yet")
+    raster = QgsRasterLayer(str(geotiff("m_4709963_se_14_1_20200831.tif")), "naip")
+    ext = raster.extent()
+    size = card_tile_size("default")
+    step = raster.rasterUnitsPerPixelX() * size
+    extent = [ext.xMinimum(), ext.yMaximum() - 1.5 * step, ext.xMinimum() + 1.5 * step, ext.yMaximum()]
+    out = tmp_path / "default.gpkg"
+    request = caption_request(raster.source(), out, "default", tile_size=size, batch_size=4, extent=extent)
+    request.job.bands = [1, 2, 3]
+    run = _run_to_end(plugin, request, timeout=600)
+    assert run.outcome.ok, run.outcome.error
+    assert run.layer.featureCount() == run.outcome.summary["written"] == 4
+    captions = [f["caption"] for f in run.layer.getFeatures()]
+    assert all(len(c.split()) >= 3 for c in captions), captions
+    assert {f["model"] for f in run.layer.getFeatures()} == {"default"}

@@ -118,7 +118,7 @@ SHOT = textwrap.dedent(r"""
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--raster", default=str(DEFAULT_RASTER))
-    p.add_argument("--query", default="a residential area with houses and trees")
+    p.add_argument("--query", default="green farmland next to a lake")
     p.add_argument("--model", default=None, help="default (when installed) or a checkpoint dir; else a tiny model")
     p.add_argument("--tile-size", type=int, default=None)
     p.add_argument("--k", type=int, default=8)
