@@ -67,12 +67,20 @@ def test_caption_then_search_algorithms(provider, tiny, geotiff, tmp_path, backe
     QgsProject.instance().removeAllMapLayers()
 
 
+def _extent_of(path):
+    """Read the extent without keeping a layer object alive (a layer still referenced at
+    interpreter exit, e.g. from a stored traceback, makes QGIS segfault on the way out)."""
+    from qgis.core import QgsRasterLayer, QgsRectangle
+
+    return QgsRectangle(QgsRasterLayer(path, "tmp").extent())
+
+
 def test_caption_algorithm_extent_and_errors(provider, tiny, geotiff, tmp_path, qgis_new_project):
-    from qgis.core import QgsProcessingException, QgsRasterLayer
+    from qgis.core import QgsProcessingException
 
     processing = provider
-    raster = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
-    ext = raster.extent()
+    raster = str(geotiff("RGB.byte.tif"))
+    ext = _extent_of(raster)
     sub = f"{ext.xMinimum()},{ext.xMinimum() + ext.width() / 3},{ext.yMinimum()},{ext.yMinimum() + ext.height() / 3} [EPSG:32618]"
     out = str(tmp_path / "ext.gpkg")
     res = processing.run("rscaption:caption", {"INPUT": raster, "EXTENT": sub, "TILE_SIZE": 128, "MODEL": tiny,
