@@ -64,6 +64,27 @@ class HeadTrainer:
         self.cls_weight = float(cfg.get("class_loss_weight", 1.0))
         self.nce_weight = float(cfg.get("contrastive_loss_weight", 1.0))
         self.label_smoothing = float(cfg.get("label_smoothing", 0.1))
+        # An exponential moving average of the trained weights: with ~2k training images the
+        # last-epoch weights swing by a few val images from epoch to epoch; the average does not.
+        self.ema_decay = float(cfg.get("ema_decay", 0.0))
+        self.ema = [p.detach().clone() for p in self.params] if self.ema_decay > 0 else None
+
+    def update_ema(self):
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                e.mul_(self.ema_decay).add_(p.detach(), alpha=1 - self.ema_decay)
+
+    def swap_ema(self):
+        """Exchange live and averaged weights (call twice to swap back)."""
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                tmp = p.detach().clone()
+                p.copy_(e)
+                e.copy_(tmp)
 
     def _set_mode(self, train: bool):
         # BatchNorm statistics stay frozen (eval) even while training: batches are small and the
@@ -92,6 +113,7 @@ class HeadTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
+        self.update_ema()
         return {"loss": float(loss), "nce": float(nce), "cls": float(cls)}
 
     @torch.no_grad()
@@ -157,6 +179,7 @@ def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, capt
             bar.set_postfix(loss=f"{m['loss']:.3f}")
         rec = {"stage": "contrastive", "epoch": epoch + 1, "seconds": round(time.time() - t0, 1)}
         rec.update({k: round(val_ / steps_per_epoch, 4) for k, val_ in sums.items()})
+        trainer.swap_ema()  # evaluate (and save) the averaged weights
         if val is not None:
             rec["val_accuracy"] = round(trainer.accuracy(*val), 2)
         history.append(rec)
@@ -164,4 +187,5 @@ def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, capt
             log(rec)
         if on_epoch_end:
             on_epoch_end(epoch + 1)
+        trainer.swap_ema()
     return history

@@ -332,14 +332,26 @@ def stage_contrastive(run: Run, rng):
     ck = cdir / "last.pt"
     if ck.exists():
         st = torch.load(ck, weights_only=False)
-        enc.load_trainable(st["encoder"])
+        enc.load_trainable(st["live"] if st.get("live") is not None else st["encoder"])
         trainer.opt.load_state_dict(st["opt"])
+        if trainer.ema is not None and st.get("live") is not None:
+            # "encoder" holds the averaged weights: restore them as the running average
+            trainer.swap_ema()
+            enc.load_trainable(st["encoder"])
+            trainer.swap_ema()
         rng.bit_generator.state = st["rng"]
         start = st["epoch"]
 
     def save(epoch):
-        torch.save({"encoder": enc.trainable_state(), "opt": trainer.opt.state_dict(), "epoch": epoch,
-                    "rng": rng.bit_generator.state}, cdir / "last.tmp")
+        # called while the averaged weights are swapped in: "encoder" is what gets exported
+        live = None
+        if trainer.ema is not None:
+            trainer.swap_ema()
+            live = enc.trainable_state()
+            live = {k: v.clone() for k, v in live.items()}
+            trainer.swap_ema()
+        torch.save({"encoder": enc.trainable_state(), "live": live, "opt": trainer.opt.state_dict(),
+                    "epoch": epoch, "rng": rng.bit_generator.state}, cdir / "last.tmp")
         os.replace(cdir / "last.tmp", ck)
 
     labels = np.array([r.label for r in train.records])
