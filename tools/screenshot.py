@@ -118,9 +118,9 @@ SHOT = textwrap.dedent(r"""
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--raster", default=str(DEFAULT_RASTER))
-    p.add_argument("--query", default="green farmland next to a lake")
+    p.add_argument("--query", default="houses and roads")
     p.add_argument("--model", default=None, help="default (when installed) or a checkpoint dir; else a tiny model")
-    p.add_argument("--tile-size", type=int, default=None)
+    p.add_argument("--tile-size", type=int, default=128, help="0: the model card's (NAIP at 5 m: 128 px gives 48 tiles)")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
     p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
