@@ -158,7 +158,12 @@ def _add_serve(sub):
 def cmd_serve(args) -> int:
     from .worker import serve
 
-    return serve(sys.stdin, sys.stdout) or 0
+    rc = serve(sys.stdin, sys.stdout) or 0
+    # Same exit as `python -m rscaption.worker`: interpreter teardown after torch threads ran can
+    # abort ("terminate called without an active exception") and turn a clean stop into a crash.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(rc))
 
 
 def _add_lazy(sub, name, module, help_text):
