@@ -159,14 +159,8 @@ class Captioner(nn.Module):
         for text in texts:
             ids = self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][: max_length - 1]
             rows.append(ids + [eos])
-        width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        return ids, mask
+        return pad_batch(rows, pad)
 
     def caption_loss(self, embeddings: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor,
                      label_smoothing: float = 0.0) -> torch.Tensor:
@@ -333,6 +327,17 @@ class Captioner(nn.Module):
                 ids, lps = self.beam_ids(chunk, beam_size, max_new_tokens, length_penalty)
             results += [(self.decode(i), float(min(1.0, np.exp(lp)))) for i, lp in zip(ids, lps)]
         return results
+
+
+def pad_batch(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (ids [B, T], attention mask [B, T]) LongTensors."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
 
 
 def _until_eos(row: list[int], eos: int) -> list[int]:

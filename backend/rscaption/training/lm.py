@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.captioner import pad_batch
+
 EOS = "<|endoftext|>"
 
 
@@ -50,16 +52,6 @@ def encode_captions(tokenizer, texts, max_len: int = 40) -> list[list[int]]:
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
         out.append(ids[: max_len - 1] + [eos])
     return out
-
-
-def pad_batch(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def build_lm(tokenizer, cfg: dict):

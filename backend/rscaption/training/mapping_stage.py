@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .contrastive import cosine_lr
-from .lm import pad_batch
+from ..models.captioner import pad_batch
 
 
 def prefix_caption_loss(mapping, lm, emb: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
