@@ -50,7 +50,7 @@ def _config(data: Path, tmp: Path, mapping_epochs: int) -> dict:
         "lm": {"n_layer": 1, "n_embd": 32, "n_head": 2, "batch_size": 4, "max_steps": 30, "lr": 3e-3,
                "warmup_steps": 2, "log_every": 10, "dropout": 0.0},
         "encoder": {"embed_dim": 32, "image_size": 64, "image_weights": None, "cache_split": 5,
-                    "finetune_from": 6, "train_views": [0, 1]},
+                    "finetune_from": 6, "train_views": [0, 1, 8]},
         "contrastive": {"epochs": 3, "batch_size": 4, "lr_tower": 1e-3, "lr_proj": 3e-3, "warmup_steps": 1,
                         "ema_decay": 0.5},
         "mapping": {"module": {"kind": "mlp", "prefix_length": 2}, "epochs": mapping_epochs, "batch_size": 4,

@@ -114,7 +114,7 @@ class HeadTrainer:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.update_ema()
-        return {"loss": float(loss), "nce": float(nce), "cls": float(cls)}
+        return {"loss": float(loss.detach()), "nce": float(nce.detach()), "cls": float(cls.detach())}
 
     @torch.no_grad()
     def embed_all(self, trunk: np.ndarray, batch_size: int = 128) -> torch.Tensor:
@@ -147,7 +147,7 @@ def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, capt
     ``caption_ids[i]`` are indices into ``caption_feats`` of image i's captions (deduplicated
     sentences share an index, which is what makes the multi-positive mask exact).
     """
-    from tqdm import tqdm
+    from .progress import bar as progress_bar
 
     n, v = trunk.shape[:2]
     bs = int(cfg.get("batch_size", 64))
@@ -163,7 +163,7 @@ def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, capt
         t0 = time.time()
         order = rng.permutation(n * v)
         sums = {"loss": 0.0, "nce": 0.0, "cls": 0.0}
-        bar = tqdm(range(steps_per_epoch), desc=f"contrastive {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        bar = progress_bar(range(steps_per_epoch), desc=f"contrastive {epoch + 1}/{epochs}", leave=False)
         for s in bar:
             step = epoch * steps_per_epoch + s
             for g, b in zip(trainer.opt.param_groups, base):

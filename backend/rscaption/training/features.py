@@ -3,8 +3,10 @@
 The EfficientNet trunk up to a split block costs ~90 % of a forward pass; the last blocks + head
 that are fine-tuned cost ~10 %. Running the frozen trunk once per (image, view) and storing its
 output lets every later epoch fine-tune the last blocks, the projection, the class head and the
-caption mapping in seconds. Views are dihedral transforms (rotations by 90 degrees and flips): for
-nadir imagery they are label-preserving, unlike for ground-level photos.
+caption mapping in seconds. The price is that augmentation is fixed per cached view instead of
+drawn anew every epoch, so a run lists the views it trains on: 0..7 are the dihedral transforms
+(rotations by 90 degrees and flips, label-preserving for nadir imagery, unlike for ground-level
+photos), 8 and up are seeded crop + mild colour views.
 """
 
 from __future__ import annotations
@@ -27,6 +29,52 @@ def dihedral(img: np.ndarray, k: int) -> np.ndarray:
     if k >= 4:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
+
+
+# Augmented views (numbers >= 8): a random dihedral transform, a crop of 60-100 % of the area
+# resized back to the tile size, and mild brightness/contrast/saturation changes (+-10 %). Strong
+# colour changes are left out on purpose: colour separates several UCM classes (chaparral vs.
+# forest, beach vs. river). Each augmented view is a fixed function of (view number, image file
+# name), so a cached view is reproducible and two runs share it.
+AUG_CROP_AREA = (0.6, 1.0)
+AUG_COLOUR = 0.1
+
+
+def _view_rng(view: int, image_path: str) -> np.random.Generator:
+    import zlib
+
+    return np.random.default_rng([int(view), zlib.crc32(Path(image_path).name.encode())])
+
+
+def augment(img: np.ndarray, view: int, image_path: str = "") -> np.ndarray:
+    """Augmented view ``view`` (>= 8) of an HxWx3 uint8 tile; deterministic per (view, file name)."""
+    from PIL import Image
+
+    rng = _view_rng(view, image_path)
+    out = dihedral(img, int(rng.integers(8)))
+    h, w = out.shape[:2]
+    area = rng.uniform(*AUG_CROP_AREA)
+    aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+    ch = int(min(h, max(8, round(h * np.sqrt(area / aspect)))))
+    cw = int(min(w, max(8, round(w * np.sqrt(area * aspect)))))
+    y0 = int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))
+    crop = Image.fromarray(out[y0:y0 + ch, x0:x0 + cw]).resize((w, h), Image.BILINEAR)
+    x = np.asarray(crop, dtype=np.float32)
+    b, c, s = rng.uniform(1 - AUG_COLOUR, 1 + AUG_COLOUR, size=3)
+    x = x * b
+    x = (x - x.mean()) * c + x.mean()
+    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = grey[..., None] + (x - grey[..., None]) * s
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def make_view(img: np.ndarray, view: int, image_path: str = "") -> np.ndarray:
+    """View 0..7: a dihedral transform (label-preserving for nadir imagery); 8+: ``augment``."""
+    view = int(view)
+    if view < 0:
+        raise ValueError(f"view numbers are >= 0, got {view}")
+    return dihedral(img, view) if view < 8 else augment(img, view, image_path)
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -67,57 +115,61 @@ class SplitTower(nn.Module):
         return list(t.blocks[self.split:]) + [t.conv_head, t.bn2]
 
 
+def view_path(out_dir: Path, view: int) -> Path:
+    return Path(out_dir) / f"view_{int(view)}.npy"
+
+
 def cache_trunk(encoder, records: Sequence[CaptionRecord], views: Sequence[int], split: int,
                 out_dir: Path, batch_size: int = 32, progress: bool = True) -> dict:
-    """Trunk activations ``[n_images, n_views, C, H, W]`` (fp16) for ``records``, resumable.
+    """Trunk activations ``[n_images, C, H, W]`` (fp16) per view in ``out_dir/view_K.npy``.
 
-    Written in chunk files so an interrupted run keeps what it computed; a finished cache is
-    reused when its manifest matches (same images, views, split and image size).
+    One file per view, so a run that adds views computes only the new ones. Written in chunk
+    files so an interrupted run keeps what it computed; a finished view is reused when its
+    manifest matches (same images, split and preprocessing).
     """
     from ..models.encoders import images_to_pixels
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"images": [r.image for r in records], "views": list(views), "split": split,
-                "preprocess": encoder.preprocess}
-    final = out_dir / "trunk.npy"
+    manifest = {"images": [r.image for r in records], "split": split, "preprocess": encoder.preprocess}
     man_path = out_dir / "manifest.json"
-    if final.exists() and man_path.exists() and json.loads(man_path.read_text()) == manifest:
-        return {"path": str(final), "cached": True, "seconds": 0.0}
+    if man_path.exists() and json.loads(man_path.read_text()) != manifest:
+        raise ValueError(f"{out_dir} holds activations of other images or another preprocessing; remove it")
+    man_path.write_text(json.dumps(manifest))
+    todo = [int(v) for v in views if not view_path(out_dir, v).exists()]
+    info = {"views_cached": [int(v) for v in views if int(v) not in todo], "views_computed": todo}
+    if not todo:
+        return {**info, "seconds": 0.0}
     tower = SplitTower(encoder.image_tower, split).eval()
-    chunk = max(1, batch_size // max(1, len(views)))
-    n_chunks = (len(records) + chunk - 1) // chunk
     t0 = time.time()
     bar = None
     if progress:
-        from tqdm import tqdm
+        from .progress import bar as progress_bar
 
-        bar = tqdm(total=len(records), desc="cache trunk", unit="img", dynamic_ncols=True)
-    parts = []
+        bar = progress_bar(total=len(records) * len(todo), desc="cache trunk", unit="img")
+    n_chunks = (len(records) + batch_size - 1) // batch_size
     with torch.no_grad():
-        for c in range(n_chunks):
-            part = out_dir / f"part_{c:05d}.npy"
-            recs = records[c * chunk:(c + 1) * chunk]
-            if not part.exists():
-                imgs = []
-                for r in recs:
-                    im = read_rgb(r.image)
-                    imgs.extend(dihedral(im, v) for v in views)
-                px = torch.cat([images_to_pixels([im], encoder.preprocess) for im in imgs])
-                h = tower.trunk(px).to(torch.float16).numpy()
-                h = h.reshape(len(recs), len(views), *h.shape[1:])
-                tmp = part.with_suffix(".tmp.npy")
-                np.save(tmp, h)
-                tmp.rename(part)
-            parts.append(part)
-            if bar:
-                bar.update(len(recs))
+        for v in todo:
+            parts = []
+            for c in range(n_chunks):
+                part = out_dir / f"part_{v}_{c:05d}.npy"
+                recs = records[c * batch_size:(c + 1) * batch_size]
+                if not part.exists():
+                    imgs = [make_view(read_rgb(r.image), v, r.image) for r in recs]
+                    px = torch.cat([images_to_pixels([im], encoder.preprocess) for im in imgs])
+                    h = tower.trunk(px).to(torch.float16).numpy()
+                    tmp = part.with_suffix(".tmp.npy")
+                    np.save(tmp, h)
+                    tmp.rename(part)
+                parts.append(part)
+                if bar:
+                    bar.update(len(recs))
+            arr = np.concatenate([np.load(p) for p in parts])
+            tmp = out_dir / f"view_{v}.tmp.npy"
+            np.save(tmp, arr)
+            tmp.rename(view_path(out_dir, v))
+            for p in parts:
+                p.unlink()
     if bar:
         bar.close()
-    arr = np.concatenate([np.load(p) for p in parts]) if parts else np.zeros((0,), np.float16)
-    np.save(out_dir / "trunk.tmp.npy", arr)
-    (out_dir / "trunk.tmp.npy").rename(final)
-    man_path.write_text(json.dumps(manifest))
-    for p in parts:
-        p.unlink()
-    return {"path": str(final), "cached": False, "seconds": time.time() - t0}
+    return {**info, "seconds": round(time.time() - t0, 1)}

@@ -39,6 +39,73 @@ def train_tokenizer(texts, vocab_size: int = 2000, out_dir: Path | None = None):
     return fast
 
 
+TOKENIZER_KINDS = ("bpe", "clip", "minilm", "pretrained")
+
+
+def make_tokenizer(cfg: dict, texts, out_dir: Path | None = None):
+    """The caption tokenizer a run's config asks for.
+
+    ``bpe`` (default) trains a small byte-level BPE on ``texts``; ``clip`` is the CLIP BPE that
+    ships inside open_clip (49,408 tokens, ids identical to ``open_clip.tokenize``); ``minilm``
+    is the WordPiece of the installed all-MiniLM-L6-v2; ``pretrained`` loads ``path`` (the
+    tokenizer of a pretrained LM). All come back as transformers tokenizers with bos/eos/pad set,
+    which is all the captioner needs.
+    """
+    kind = str(cfg.get("kind", "bpe")).lower()
+    if kind == "bpe":
+        return train_tokenizer(texts, int(cfg.get("vocab_size", 2000)), out_dir)
+    if kind == "clip":
+        tok = clip_bpe_tokenizer()
+    elif kind == "minilm":
+        from transformers import AutoTokenizer
+
+        from ..models.encoders import minilm_dir
+
+        tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    elif kind == "pretrained":
+        if not cfg.get("path"):
+            raise ValueError("tokenizer kind 'pretrained' needs a 'path' (a local dir or hub name)")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(cfg["path"]))
+    else:
+        raise ValueError(f"unknown tokenizer kind '{kind}'; kinds are {', '.join(TOKENIZER_KINDS)}")
+    ensure_special_tokens(tok)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def ensure_special_tokens(tok) -> None:
+    """Captions end with EOS and batches pad with PAD: borrow WordPiece's [SEP]/[CLS] or the EOS
+    token where a tokenizer lacks them (GPT-2 has no pad token, BERT has no eos/bos)."""
+    if tok.eos_token is None:
+        tok.eos_token = tok.sep_token or EOS
+    if tok.bos_token is None:
+        tok.bos_token = tok.cls_token or tok.eos_token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
+def clip_bpe_tokenizer():
+    """open_clip's BPE (the file inside the installed package) as a transformers CLIPTokenizer.
+
+    The vocabulary is rebuilt exactly as open_clip builds it (bytes, bytes + '</w>', merges,
+    start/end markers), so token ids match ``open_clip.tokenize``.
+    """
+    import gzip
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges])
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -68,6 +135,24 @@ def build_lm(tokenizer, cfg: dict):
     return GPT2LMHeadModel(config)
 
 
+def load_pretrained_lm(source: str, tokenizer):
+    """A pretrained causal LM (local dir, or hub name when online), its embeddings resized when
+    the caption tokenizer has more tokens than the LM's vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tokenizer))
+    if lm.config.pad_token_id is None:
+        lm.config.pad_token_id = tokenizer.pad_token_id
+    return lm
+
+
+def lm_width(lm) -> int:
+    """Hidden size of any causal LM (GPT-2's n_embd, LLaMA's hidden_size): the prefix width."""
+    return int(lm.get_input_embeddings().embedding_dim)
+
+
 def lm_loss(lm, ids: torch.Tensor, mask: torch.Tensor, bos_id: int) -> torch.Tensor:
     """Next-token loss of ``[BOS] caption EOS``; BOS stands in for the image prefix during
     pretraining so the LM learns to start a caption from a 'context' position."""
@@ -79,9 +164,10 @@ def lm_loss(lm, ids: torch.Tensor, mask: torch.Tensor, bos_id: int) -> torch.Ten
 
 
 def pretrain_lm(lm, tokenizer, texts, cfg: dict, rng: np.random.Generator, log=None, state=None) -> list[dict]:
-    """Budgeted pretraining (``max_steps`` and/or ``max_minutes``): on CPU the useful thing is a
-    fixed time budget, not a number of epochs."""
-    from tqdm import tqdm
+    """``max_steps`` steps on a cosine schedule, counted in steps rather than epochs because the
+    corpus size varies with the sources. ``max_minutes`` is only a safety cap: a run that hits it
+    depends on the machine's speed and is no longer reproducible from its config (logged)."""
+    from .progress import bar as progress_bar
 
     seqs = encode_captions(tokenizer, texts, int(cfg.get("max_len", 40)))
     bs = int(cfg.get("batch_size", 128))
@@ -95,7 +181,7 @@ def pretrain_lm(lm, tokenizer, texts, cfg: dict, rng: np.random.Generator, log=N
     steps_per_epoch = max(1, len(seqs) // bs)
     order = rng.permutation(len(seqs))
     log_every = int(cfg.get("log_every", 100))
-    bar = tqdm(range(max_steps), desc="lm", dynamic_ncols=True)
+    bar = progress_bar(range(max_steps), desc="lm")
     for step in bar:
         if step and step % steps_per_epoch == 0:
             order = rng.permutation(len(seqs))
@@ -112,11 +198,14 @@ def pretrain_lm(lm, tokenizer, texts, cfg: dict, rng: np.random.Generator, log=N
         opt.step()
         run += float(loss.detach())
         n_run += 1
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        last = step + 1 == max_steps or time.time() - t0 > max_sec
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        capped = time.time() - t0 > max_sec and step + 1 < max_steps
+        last = step + 1 == max_steps or capped
         if (step + 1) % log_every == 0 or last:
             rec = {"stage": "lm", "step": step + 1, "loss": round(run / n_run, 4),
                    "seconds": round(time.time() - t0, 1)}
+            if capped:
+                rec["stopped_by"] = "max_minutes"
             history.append(rec)
             if log:
                 log(rec)

@@ -41,7 +41,7 @@ def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list
     if loss_fn is None:
         def loss_fn(e, ids, mask):
             return prefix_caption_loss(mapping, lm, e, ids, mask)
-    from tqdm import tqdm
+    from .progress import bar as progress_bar
 
     n, v = emb.shape[:2]
     bs = int(cfg.get("batch_size", 64))
@@ -66,7 +66,7 @@ def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list
         lm.train() if lm_lr > 0 else lm.eval()
         order = rng.permutation(n * v)
         tot = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"mapping {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        bar = progress_bar(range(steps_per_epoch), desc=f"mapping {epoch + 1}/{epochs}", leave=False)
         for s in bar:
             step = epoch * steps_per_epoch + s
             for g, b in zip(opt.param_groups, base):

@@ -2,9 +2,12 @@
 
 Stages (each usable alone with ``--stages``, each leaving its result in the run dir):
 
-1. ``tokenizer``  byte-level BPE on the LM corpus (``tokenizer/``)
-2. ``lm``         small GPT-2 pretrained on caption text, UCM val never included (``lm/``)
-3. ``features``   frozen trunk activations for every (train image, dihedral view) (``runs/cache``)
+1. ``tokenizer``  byte-level BPE on the LM corpus, or the CLIP BPE, the MiniLM WordPiece, or a
+                  pretrained LM's tokenizer (``tokenizer/``)
+2. ``lm``         small GPT-2 pretrained on caption text (UCM val never included), or a pretrained
+                  causal LM, optionally adapted to caption text (``lm/``)
+3. ``features``   frozen trunk activations for every (train image, view) (``runs/cache``; views
+                  0..7 dihedral, 8+ seeded crop + colour, see ``features.make_view``)
 4. ``contrastive``LiT training of the last image blocks + projections, scene loss via class
                   prompts (``contrastive/``; per-epoch checkpoints)
 5. ``embed``      image embeddings of every cached view with the trained tower (``embeddings.pt``)
@@ -166,12 +169,13 @@ def _encoder(run: Run):
                                      timm_name=e.get("timm_name", "efficientnet_lite0"), image_weights=weights)
 
 
-def _trunk_dir(run: Run, split: str, enc, views) -> Path:
-    """Caches are keyed by content (images, views, split point, preprocessing) so runs share them."""
+def _trunk_dir(run: Run, split: str, enc) -> Path:
+    """Caches are keyed by content (images, split point, preprocessing; one file per view inside)
+    so runs share them."""
     import hashlib
 
     e = run.cfg.get("encoder", {})
-    key = json.dumps({"data": run.cfg["data"], "split": split, "views": list(views),
+    key = json.dumps({"data": run.cfg["data"], "split": split,
                       "cut": int(e.get("cache_split", 5)), "pp": enc.preprocess,
                       "timm": e.get("timm_name", "efficientnet_lite0"), "w": e.get("image_weights", "package")},
                      sort_keys=True, default=str)
@@ -189,28 +193,34 @@ def _cut_points(run: Run) -> tuple[int, int]:
     return cache, max(cache, int(e.get("finetune_from", cache)))
 
 
-def _advance(path: Path, enc, cache: int, to: int) -> np.ndarray:
-    """Activations at ``blocks[to]`` from the cache at ``blocks[cache]`` through the frozen
-    pretrained blocks in between, stored next to the cache (so a deeper cut costs one pass)."""
+def _advance(path: Path, enc, cache: int, to: int, views) -> np.ndarray:
+    """``[n, n_views, C, H, W]`` activations at ``blocks[to]``: the cache at ``blocks[cache]`` run
+    through the frozen pretrained blocks in between, stored next to the cache per view (so a
+    deeper cut costs one pass)."""
     import torch
 
-    trunk = np.load(path / "trunk.npy", mmap_mode="r")
-    if to == cache:
-        return trunk
-    out = path / f"advanced_{to}.npy"
-    if out.exists():
-        return np.load(out, mmap_mode="r")
-    n, v = trunk.shape[:2]
-    flat = trunk.reshape(n * v, *trunk.shape[2:])
-    parts = []
-    blocks = enc.image_tower.blocks[cache:to].eval()
-    with torch.no_grad():
-        for i in range(0, n * v, 128):
-            parts.append(blocks(torch.from_numpy(np.array(flat[i:i + 128])).float()).half().numpy())
-    arr = np.concatenate(parts).reshape(n, v, *parts[0].shape[1:])
-    np.save(path / f"advanced_{to}.tmp.npy", arr)
-    os.replace(path / f"advanced_{to}.tmp.npy", out)
-    return np.load(out, mmap_mode="r")
+    from .features import view_path
+
+    out = []
+    for v in views:
+        src = view_path(path, v)
+        if not src.exists():
+            raise TrainError(f"no cached activations for view {v} in {path}; run the features stage")
+        if to == cache:
+            out.append(np.load(src, mmap_mode="r"))
+            continue
+        dst = path / f"advanced_{to}_view_{int(v)}.npy"
+        if not dst.exists():
+            trunk = np.load(src, mmap_mode="r")
+            blocks = enc.image_tower.blocks[cache:to].eval()
+            with torch.no_grad():
+                parts = [blocks(torch.from_numpy(np.array(trunk[i:i + 128])).float()).half().numpy()
+                         for i in range(0, len(trunk), 128)]
+            tmp = path / f"advanced_{to}_view_{int(v)}.tmp.npy"
+            np.save(tmp, np.concatenate(parts))
+            os.replace(tmp, dst)
+        out.append(np.load(dst, mmap_mode="r"))
+    return np.stack(out, axis=1)
 
 
 def _load_trunks(run: Run, enc, train, val):
@@ -218,8 +228,8 @@ def _load_trunks(run: Run, enc, train, val):
     cache, to = _cut_points(run)
     # the frozen blocks between the cache and the fine-tuned part must be the pretrained ones
     pretrained = _encoder(run) if to > cache else enc
-    tr = _advance(_trunk_dir(run, "train", enc, tv), pretrained, cache, to)
-    va = _advance(_trunk_dir(run, "val", enc, vv), pretrained, cache, to)
+    tr = _advance(_trunk_dir(run, "train", enc), pretrained, cache, to, tv)
+    va = _advance(_trunk_dir(run, "val", enc), pretrained, cache, to, vv)
     if tr.shape[0] != len(train.records) or va.shape[0] != len(val.records):
         raise TrainError("cached features do not match the dataset; rerun the features stage")
     return np.ascontiguousarray(tr), np.ascontiguousarray(va)
@@ -252,29 +262,64 @@ def _unique_captions(records):
 # stages
 
 
-def stage_tokenizer(run: Run, rng):
-    from .lm import train_tokenizer
+def _lm_source(run: Run) -> str | None:
+    src = run.cfg.get("lm", {}).get("pretrained")
+    if not src:
+        return None
+    local = resolve_path(src, run.cfg)
+    return local if Path(local).exists() else str(src)  # else a hub name (needs network)
 
-    texts = _corpus(run)
-    tok = train_tokenizer(texts, int(run.cfg.get("tokenizer", {}).get("vocab_size", 2000)), run.dir / "tokenizer")
-    info = {"vocab_size": len(tok), "corpus_captions": len(texts)}
+
+def _load_or_fail(what: str, source: str, fn):
+    try:
+        return fn()
+    except TrainError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") and not Path(source).exists()
+        hint = " (not a local path, and HF_HUB_OFFLINE is set)" if offline else ""
+        raise TrainError(f"cannot load {what} '{source}'{hint}: {first}") from None
+
+
+def stage_tokenizer(run: Run, rng):
+    from .lm import make_tokenizer
+
+    cfg = dict(run.cfg.get("tokenizer", {}))
+    kind = cfg.get("kind", "bpe")
+    if kind == "pretrained":
+        cfg["path"] = resolve_path(cfg["path"], run.cfg) if cfg.get("path") else _lm_source(run)
+    texts = _corpus(run) if kind == "bpe" else []
+    try:
+        tok = _load_or_fail(f"{kind} tokenizer", str(cfg.get("path", kind)),
+                            lambda: make_tokenizer(cfg, texts, run.dir / "tokenizer"))
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    info = {"kind": kind, "vocab_size": len(tok), "corpus_captions": len(texts)}
     run.log({"stage": "tokenizer", **info})
     return info
 
 
 def stage_lm(run: Run, rng):
-    import torch
-
-    from .lm import build_lm, load_tokenizer, pretrain_lm
+    """A fresh small GPT-2 pretrained on caption text, or a pretrained LM (``lm.pretrained``),
+    optionally adapted to caption text for ``max_steps`` (default 0 for a pretrained LM)."""
+    from .lm import build_lm, load_pretrained_lm, load_tokenizer, pretrain_lm
 
     tok = load_tokenizer(run.dir / "tokenizer")
-    cfg = run.cfg.get("lm", {})
-    lm = build_lm(tok, cfg)
-    texts = _corpus(run)
-    hist = pretrain_lm(lm, tok, texts, cfg, rng, log=run.log)
+    cfg = dict(run.cfg.get("lm", {}))
+    source = _lm_source(run)
+    if source:
+        lm = _load_or_fail("pretrained language model", source, lambda: load_pretrained_lm(source, tok))
+        cfg.setdefault("max_steps", 0)
+    else:
+        lm = build_lm(tok, cfg)
+    hist = []
+    if int(cfg.get("max_steps", 1000)) > 0:
+        hist = pretrain_lm(lm, tok, _corpus(run), cfg, rng, log=run.log)
+    lm.eval()
     lm.save_pretrained(str(run.dir / "lm"))
-    return {"params": sum(p.numel() for p in lm.parameters()), "final_loss": hist[-1]["loss"] if hist else None,
-            "seconds": hist[-1]["seconds"] if hist else 0}
+    return {"params": sum(p.numel() for p in lm.parameters()), "pretrained": source,
+            "final_loss": hist[-1]["loss"] if hist else None, "seconds": hist[-1]["seconds"] if hist else 0}
 
 
 def stage_features(run: Run, rng):
@@ -290,7 +335,7 @@ def stage_features(run: Run, rng):
     info = {}
     for split, recs, views in (("val", val.records, vv), ("train", train.records, tv)):
         with torch.no_grad():
-            r = cache_trunk(enc, recs, views, cut, _trunk_dir(run, split, enc, views), bs)
+            r = cache_trunk(enc, recs, views, cut, _trunk_dir(run, split, enc), bs)
         info[split] = r
         run.log({"stage": "features", "split": split, "images": len(recs), "views": len(views), **r})
     return info
@@ -391,19 +436,21 @@ def stage_embed(run: Run, rng):
 
 
 def _captioner(run: Run, enc=None, lm=None, mapping=None):
-    from transformers import GPT2LMHeadModel
+    import torch
+    from transformers import AutoModelForCausalLM
 
     from ..models.captioner import Captioner
     from ..models.mapping import build_mapping
-    from .lm import load_tokenizer
+    from .lm import lm_width, load_tokenizer
 
     tok = load_tokenizer(run.dir / "tokenizer")
     enc = enc if enc is not None else _trained_encoder(run)
-    lm = lm if lm is not None else GPT2LMHeadModel.from_pretrained(str(run.dir / "lm")).eval()
+    if lm is None:
+        lm = AutoModelForCausalLM.from_pretrained(str(run.dir / "lm"), dtype=torch.float32).eval()
     if mapping is None:
         m = dict(run.cfg.get("mapping", {}).get("module", {"kind": "mlp", "prefix_length": 4}))
         m.setdefault("kind", "mlp")
-        mapping = build_mapping({**m, "embed_dim": enc.embed_dim, "lm_hidden": lm.config.n_embd})
+        mapping = build_mapping({**m, "embed_dim": enc.embed_dim, "lm_hidden": lm_width(lm)})
     cap = Captioner(enc, mapping, lm, tok, card=_card(run), model_id=run.cfg.get("name", "run"),
                     storage_dtype=run.cfg.get("export", {}).get("storage_dtype", "float16"))
     cap.train(False)
@@ -432,7 +479,6 @@ def _quick_val(cap, val_emb, val_records, beam: int = 1) -> dict:
 
 def stage_mapping(run: Run, rng):
     import torch
-    from transformers import GPT2LMHeadModel
 
     from .datasets import normalize_caption
     from .mapping_stage import train_mapping
@@ -544,8 +590,9 @@ def train(cfg: dict, out=None, resume: bool = False, stages=None, progress: bool
     """Run (or continue) the configured stages; returns the state with per-stage results."""
     import torch
 
-    if not progress:
-        os.environ["TQDM_DISABLE"] = "1"
+    from . import progress as progress_bars
+
+    progress_bars.set_enabled(progress)
     threads = cfg.get("threads")
     if threads:
         torch.set_num_threads(int(threads))

