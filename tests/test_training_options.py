@@ -119,3 +119,27 @@ def test_run_with_a_pretrained_lm_from_a_local_directory(tmp_path):
     bad = {**cfg, "lm": {"pretrained": str(tmp_path / "nope")}}
     with pytest.raises(TrainError, match="nope"):
         train(bad, out=tmp_path / "run2", stages=["tokenizer"], progress=False)
+
+
+def test_mapping_with_frozen_lm_and_the_retrieval_term():
+    """ClipCap with the LM frozen (``lm_lr: 0``) plus RS-CapRet's retrieval loss: the LM must not
+    move, and both the caption loss and the retrieval term must go down."""
+    import torch
+    import torch.nn.functional as F
+
+    from rscaption.models.mapping import build_mapping
+    from rscaption.models.tiny import tiny_bpe_tokenizer, tiny_gpt2
+    from rscaption.training.mapping_stage import train_mapping
+
+    torch.manual_seed(0)
+    tok = tiny_bpe_tokenizer()
+    lm = tiny_gpt2(len(tok), tok.eos_token_id, prefix_length=2)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    mapping = build_mapping({"kind": "mlp", "prefix_length": 2, "embed_dim": 16, "lm_hidden": 64})
+    emb = F.normalize(torch.randn(16, 1, 16), dim=-1)
+    seqs = [[tok(" " + TEXTS[i % 2], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] for i in range(16)]
+    cfg = {"epochs": 8, "batch_size": 8, "lr": 3e-3, "lm_lr": 0, "warmup_steps": 1, "retrieval_loss_weight": 1.0}
+    hist = train_mapping(mapping, lm, emb, seqs, tok.pad_token_id, cfg, np.random.default_rng(0))
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert hist[-1]["retrieval"] < hist[0]["retrieval"]
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items()), "lm_lr: 0 keeps the LM frozen"

@@ -1,7 +1,8 @@
 """Example captions for a model card: a few val images and a few tiles of real rasters.
 
 Text only: the model card may quote captions of shared data but never carries images derived
-from it. ``python -m rscaption.evaluation.examples --model M --eval eval.json --raster a.tif``
+from it. ``python -m rscaption.evaluation.examples --model M --raster a.tif`` (val examples: the
+``examples`` of an ``rscaption evaluate --json`` report)
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The encoder is frozen here, so every (image, view) embedding is computed once after stage 2 and
 an epoch is only mapping + LM. The LM can stay frozen (pure ClipCap) or be fine-tuned with a
-lower learning rate; ``lm_lr: 0`` freezes it. An optional RS-CapRet-style retrieval term pulls the
+lower learning rate; ``lm_lr: 0`` freezes it. An optional RS-CapRet-style retrieval term
+(``retrieval_loss_weight``) pulls the
 prefix (mean-pooled, projected back to the embedding space) towards its own image embedding so the
 prefix keeps image identity rather than collapsing onto a class-average.
 """
@@ -30,6 +31,14 @@ def prefix_caption_loss(mapping, lm, emb: torch.Tensor, ids: torch.Tensor, mask:
     return lm(inputs_embeds=inputs, attention_mask=att, labels=labels).loss
 
 
+def prefix_retrieval_loss(mapping, head, emb: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """RS-CapRet's retrieval term: the mean-pooled prefix, projected back to the embedding space,
+    must pick out its own image embedding among the batch (InfoNCE)."""
+    q = F.normalize(head(mapping(emb).mean(dim=1).float()), dim=-1)
+    logits = q @ F.normalize(emb.float(), dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(emb.shape[0]))
+
+
 def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list[int]]], pad_id: int,
                   cfg: dict, rng: np.random.Generator, log=None, start_epoch: int = 0, on_epoch_end=None,
                   val_fn=None, loss_fn=None) -> list[dict]:
@@ -55,6 +64,13 @@ def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list
         groups.append({"params": list(lm.parameters()), "lr": lm_lr})
     else:
         lm.requires_grad_(False)
+    retrieval_w = float(cfg.get("retrieval_loss_weight", 0.0))
+    head = None
+    if retrieval_w > 0:
+        # training-only head (prefix width -> embedding); not exported, restarted on --resume
+        width = int(lm.get_input_embeddings().embedding_dim)
+        head = torch.nn.Linear(width, int(emb.shape[-1]))
+        groups.append({"params": list(head.parameters()), "lr": float(cfg.get("lr", 1e-3))})
     opt = torch.optim.AdamW(groups, weight_decay=float(cfg.get("weight_decay", 0.01)))
     base = [g["lr"] for g in opt.param_groups]
     warmup = int(cfg.get("warmup_steps", 30))
@@ -65,7 +81,7 @@ def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list
         mapping.train()
         lm.train() if lm_lr > 0 else lm.eval()
         order = rng.permutation(n * v)
-        tot = 0.0
+        tot = rtot = 0.0
         bar = progress_bar(range(steps_per_epoch), desc=f"mapping {epoch + 1}/{epochs}", leave=False)
         for s in bar:
             step = epoch * steps_per_epoch + s
@@ -79,6 +95,10 @@ def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list
             seqs = [seqs_per_image[i][int(rng.integers(len(seqs_per_image[i])))] for i in ii]
             ids, mask = pad_batch(seqs, pad_id)
             loss = loss_fn(e, ids, mask)
+            if head is not None:
+                r = prefix_retrieval_loss(mapping, head, e)
+                rtot += float(r.detach())
+                loss = loss + retrieval_w * r
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -87,6 +107,8 @@ def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         rec = {"stage": "mapping", "epoch": epoch + 1, "loss": round(tot / steps_per_epoch, 4),
                "seconds": round(time.time() - t0, 1)}
+        if head is not None:
+            rec["retrieval"] = round(rtot / steps_per_epoch, 4)
         mapping.eval()
         lm.eval()
         if val_fn is not None:
