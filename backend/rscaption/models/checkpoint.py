@@ -143,7 +143,7 @@ def _load_lm(cfg: dict, directory: Path):
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     except Exception as exc:
-        raise _wrap(exc, source, "language model") from None
+        raise load_error(exc, source, "language model") from None
 
 
 def _load_tokenizer(cfg: dict, directory: Path):
@@ -153,10 +153,11 @@ def _load_tokenizer(cfg: dict, directory: Path):
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:
-        raise _wrap(exc, source, "tokenizer") from None
+        raise load_error(exc, source, "tokenizer") from None
 
 
-def _wrap(exc: Exception, source: str, what: str) -> ModelError:
+def load_error(exc: Exception, source: str, what: str) -> ModelError:
+    """One-line error for a model part that would not load (offline hub names say so)."""
     if isinstance(exc, ModelError):
         return exc
     if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
@@ -190,7 +191,7 @@ def _load_checkpoint(directory, device=None, dtype=None) -> Captioner:
     except KeyError as exc:
         raise ModelError(f"checkpoint config is incomplete ({exc} missing): {directory}") from None
     except Exception as exc:
-        raise _wrap(exc, str(directory), "checkpoint") from None
+        raise load_error(exc, str(directory), "checkpoint") from None
     cap = Captioner(encoder, mapping, lm, tokenizer, card=config.get("card"), model_id=str(directory),
                     storage_dtype=config.get("storage_dtype", "float32"))
     cap._hash = hash_dir(directory)

@@ -54,22 +54,19 @@ def make_tokenizer(cfg: dict, texts, out_dir: Path | None = None):
     kind = str(cfg.get("kind", "bpe")).lower()
     if kind == "bpe":
         return train_tokenizer(texts, int(cfg.get("vocab_size", 2000)), out_dir)
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind '{kind}'; kinds are {', '.join(TOKENIZER_KINDS)}")
     if kind == "clip":
         tok = clip_bpe_tokenizer()
-    elif kind == "minilm":
+    else:
         from transformers import AutoTokenizer
 
         from ..models.encoders import minilm_dir
 
-        tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    elif kind == "pretrained":
-        if not cfg.get("path"):
+        path = minilm_dir() if kind == "minilm" else cfg.get("path")
+        if not path:
             raise ValueError("tokenizer kind 'pretrained' needs a 'path' (a local dir or hub name)")
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(cfg["path"]))
-    else:
-        raise ValueError(f"unknown tokenizer kind '{kind}'; kinds are {', '.join(TOKENIZER_KINDS)}")
+        tok = AutoTokenizer.from_pretrained(str(path))
     ensure_special_tokens(tok)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

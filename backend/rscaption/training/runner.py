@@ -271,15 +271,15 @@ def _lm_source(run: Run) -> str | None:
 
 
 def _load_or_fail(what: str, source: str, fn):
+    """Loading errors of pretrained parts as one-line TrainErrors (the checkpoint loader's wording)."""
+    from ..models.checkpoint import load_error
+
     try:
         return fn()
     except TrainError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") and not Path(source).exists()
-        hint = " (not a local path, and HF_HUB_OFFLINE is set)" if offline else ""
-        raise TrainError(f"cannot load {what} '{source}'{hint}: {first}") from None
+        raise TrainError(str(load_error(exc, source, what))) from None
 
 
 def stage_tokenizer(run: Run, rng):
@@ -290,11 +290,8 @@ def stage_tokenizer(run: Run, rng):
     if kind == "pretrained":
         cfg["path"] = resolve_path(cfg["path"], run.cfg) if cfg.get("path") else _lm_source(run)
     texts = _corpus(run) if kind == "bpe" else []
-    try:
-        tok = _load_or_fail(f"{kind} tokenizer", str(cfg.get("path", kind)),
-                            lambda: make_tokenizer(cfg, texts, run.dir / "tokenizer"))
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
+    tok = _load_or_fail(f"{kind} tokenizer", str(cfg.get("path", kind)),
+                        lambda: make_tokenizer(cfg, texts, run.dir / "tokenizer"))
     info = {"kind": kind, "vocab_size": len(tok), "corpus_captions": len(texts)}
     run.log({"stage": "tokenizer", **info})
     return info
