@@ -44,6 +44,20 @@ def _multi_positive_nce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor
     return -(torch.logsumexp(logp.masked_fill(~pos, -1e4), dim=-1)).mean()
 
 
+def clip_losses(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, scale: torch.Tensor,
+                prompts: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                label_smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(symmetric multi-positive NCE, scene CE through class prompts) for L2-normalised image and
+    text embeddings; the scene term is zero when there are no prompts. Shared by the LiT head
+    trainer and the full CLIP trainer so both optimise the same objective."""
+    logits = scale * img @ txt.T
+    nce = 0.5 * (_multi_positive_nce(logits, pos) + _multi_positive_nce(logits.T, pos.T))
+    if prompts is None or labels is None:
+        return nce, torch.zeros((), device=img.device)
+    cls = F.cross_entropy(scale * img @ prompts.T, labels, label_smoothing=label_smoothing)
+    return nce, cls
+
+
 class HeadTrainer:
     """Fine-tunes ``SplitTower`` head blocks + image/text projections on cached activations."""
 
@@ -104,10 +118,9 @@ class HeadTrainer:
         self._set_mode(True)
         img = self.embed(h)
         txt = F.normalize(self.enc.text_proj(cap_feats), dim=-1)
-        scale = self.enc.logit_scale.exp().clamp(max=100)
-        logits = scale * img @ txt.T
-        nce = 0.5 * (_multi_positive_nce(logits, pos_mask) + _multi_positive_nce(logits.T, pos_mask.T))
-        cls = F.cross_entropy(self.class_logits(img), labels, label_smoothing=self.label_smoothing)
+        prompts = F.normalize(self.enc.text_proj(self.prompt_feats), dim=-1)
+        nce, cls = clip_losses(img, txt, pos_mask, self.enc.logit_scale.exp().clamp(max=100), prompts, labels,
+                               self.label_smoothing)
         loss = self.nce_weight * nce + self.cls_weight * cls
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -169,6 +169,29 @@ def _encoder(run: Run):
                                      timm_name=e.get("timm_name", "efficientnet_lite0"), image_weights=weights)
 
 
+def _encoder_kind(run: Run) -> str:
+    kind = run.cfg.get("encoder", {}).get("kind", "lit")
+    if kind not in ("lit", "clip"):
+        raise TrainError(f"encoder.kind must be 'lit' (pretrained towers, cached trunk) or 'clip' (fine-tune "
+                         f"or train an open_clip / transformers CLIP), not '{kind}'")
+    return kind
+
+
+def _clip_encoder(run: Run):
+    from ..models.registry import load_model
+    from .clip_trainer import clip_encoder
+
+    spec = run.cfg.get("encoder", {})
+    return _load_or_fail("CLIP encoder", str(spec.get("model") or spec.get("open_clip_config")),
+                         lambda: clip_encoder(spec, load_model, resolve=lambda p: resolve_path(p, run.cfg)))
+
+
+def _device(run: Run):
+    from ..device import pick_device
+
+    return pick_device(run.cfg.get("device"))
+
+
 def _trunk_dir(run: Run, split: str, enc) -> Path:
     """Caches are keyed by content (images, split point, preprocessing; one file per view inside)
     so runs share them."""
@@ -324,6 +347,11 @@ def stage_features(run: Run, rng):
 
     from .features import cache_trunk
 
+    if _encoder_kind(run) == "clip":
+        info = {"skipped": "encoder.kind clip reads images at every step (nothing to cache)"}
+        run.log({"stage": "features", **info})
+        return info
+
     enc = _encoder(run)
     _, train, val = _data(run)
     tv, vv = _views(run)
@@ -342,6 +370,8 @@ def _prompt_texts(run: Run, ds):
     from .contrastive import PROMPT_TEMPLATE, class_prompts
 
     phrases = ds.class_phrases or ds.classes
+    if float(run.cfg.get("contrastive", {}).get("class_loss_weight", 1.0)) == 0 and _encoder_kind(run) == "clip":
+        return []
     if not phrases:
         raise TrainError("the dataset has no scene classes; set contrastive.class_loss_weight: 0")
     return class_prompts(phrases, run.cfg.get("contrastive", {}).get("prompt_template", PROMPT_TEMPLATE))
@@ -352,6 +382,8 @@ def stage_contrastive(run: Run, rng):
 
     from .contrastive import HeadTrainer, text_features, train_head
 
+    if _encoder_kind(run) == "clip":
+        return stage_clip_contrastive(run, rng)
     ds, train, val = _data(run)
     enc = _encoder(run)
     tower = _tower(run, enc)
@@ -404,11 +436,58 @@ def stage_contrastive(run: Run, rng):
     return {"epochs": int(cfg.get("epochs", 8)), "val_accuracy": acc}
 
 
+def stage_clip_contrastive(run: Run, rng):
+    """``encoder.kind: clip``: every image read per step, both towers run (``clip_trainer``)."""
+    import torch
+
+    from .clip_trainer import ClipTrainer, ClipTrainError, read_views, train_clip
+
+    ds, train, val = _data(run)
+    enc = _clip_encoder(run)
+    cfg = run.cfg.get("contrastive", {})
+    device = _device(run)
+    try:
+        trainer = ClipTrainer(enc, _prompt_texts(run, ds), cfg, device,
+                              run.cfg.get("encoder", {}).get("train_params"))
+    except ClipTrainError as exc:
+        raise TrainError(str(exc)) from None
+    cdir = run.dir / "contrastive"
+    cdir.mkdir(exist_ok=True)
+    ck = cdir / "last.pt"
+    start = 0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        trainer.load_trained(st["encoder"])
+        trainer.opt.load_state_dict(st["opt"])
+        rng.bit_generator.state = st["rng"]
+        start = st["epoch"]
+
+    def save(epoch):
+        torch.save({"encoder": trainer.trained_state(), "live": None, "opt": trainer.opt.state_dict(),
+                    "epoch": epoch, "rng": rng.bit_generator.state}, cdir / "last.tmp")
+        os.replace(cdir / "last.tmp", ck)
+
+    texts, cap_ids = _unique_captions(train.records)
+    run.log({"stage": "contrastive", "kind": "clip", "device": str(device), "trained_tensors": len(trainer.names),
+             "trained_params": sum(p.numel() for p in trainer.params)})
+    val_images = read_views(val.records, [0] * len(val.records))
+    hist = train_clip(trainer, train.records, [r.label for r in train.records], texts, cap_ids, cfg,
+                      _views(run)[0], rng, log=run.log, val=(val_images, [r.label for r in val.records]),
+                      start_epoch=start, on_epoch_end=save)
+    return {"epochs": int(cfg.get("epochs", 5)), "val_accuracy": hist[-1]["val_accuracy"] if hist else None}
+
+
 def _trained_encoder(run: Run):
     import torch
 
-    enc = _encoder(run)
     st = torch.load(run.dir / "contrastive" / "last.pt", weights_only=False)
+    if _encoder_kind(run) == "clip":
+        from .clip_trainer import load_trained_state
+
+        enc = _clip_encoder(run)
+        load_trained_state(enc, st["encoder"])
+        return enc.eval()
+    enc = _encoder(run)
     enc.load_trainable(st["encoder"])
     return enc.eval()
 
@@ -420,12 +499,33 @@ def stage_embed(run: Run, rng):
 
     _, train, val = _data(run)
     enc = _trained_encoder(run)
+    if _encoder_kind(run) == "clip":
+        return _embed_clip(run, enc, train, val)
     tower = _tower(run, enc)
     tr, va = _load_trunks(run, enc, train, val)
     tf = torch.load(run.dir / "contrastive" / "text_features.pt")
     trainer = HeadTrainer(enc, tower, 0, tf["prompts"], run.cfg.get("contrastive", {}))
     t0 = time.time()
     emb = {"train": trainer.embed_all(tr), "val": trainer.embed_all(va)}
+    torch.save(emb, run.dir / "embeddings.pt")
+    info = {"train": list(emb["train"].shape), "val": list(emb["val"].shape), "seconds": round(time.time() - t0, 1)}
+    run.log({"stage": "embed", **info})
+    return info
+
+
+def _embed_clip(run: Run, enc, train, val):
+    """Image embeddings ``[N, V, D]`` of every train view and of val view 0 (the same layout the
+    LiT path writes, so the mapping stage does not care which stage 2 ran)."""
+    import torch
+
+    from .clip_trainer import ClipTrainer, read_views
+
+    trainer = ClipTrainer(enc, [], {}, _device(run))
+    t0 = time.time()
+    views = _views(run)[0]
+    per_view = [trainer.embed(read_views(train.records, [v] * len(train.records))) for v in views]
+    emb = {"train": torch.stack(per_view, dim=1),
+           "val": trainer.embed(read_views(val.records, [0] * len(val.records)))[:, None]}
     torch.save(emb, run.dir / "embeddings.pt")
     info = {"train": list(emb["train"].shape), "val": list(emb["val"].shape), "seconds": round(time.time() - t0, 1)}
     run.log({"stage": "embed", **info})
