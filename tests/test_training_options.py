@@ -143,3 +143,38 @@ def test_mapping_with_frozen_lm_and_the_retrieval_term():
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert hist[-1]["retrieval"] < hist[0]["retrieval"]
     assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items()), "lm_lr: 0 keeps the LM frozen"
+
+
+def test_config_extends_a_base_and_overrides_key_by_key(tmp_path):
+    from rscaption.training.runner import TrainError, load_config
+
+    (tmp_path / "base.yaml").write_text("name: base\nseed: 1\nencoder:\n  embed_dim: 256\n  train_views: [0, 1]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "variant.yaml").write_text(
+        "extends: ../base.yaml\nname: variant\nencoder:\n  train_views: [0]\n  kind: clip\n")
+    cfg = load_config(tmp_path / "sub" / "variant.yaml")
+    assert cfg["name"] == "variant" and cfg["seed"] == 1
+    assert cfg["encoder"] == {"embed_dim": 256, "train_views": [0], "kind": "clip"}
+    assert cfg["_config_path"] == str((tmp_path / "sub" / "variant.yaml").resolve())
+    assert "extends" not in cfg
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(TrainError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(TrainError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_shipped_configs_load_and_name_known_stages_and_kinds():
+    from pathlib import Path
+
+    from rscaption.training.runner import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg["data"]["captions"].endswith("dataset.json"), path
+        assert cfg.get("encoder", {}).get("kind", "lit") in ("lit", "clip"), path

@@ -9,8 +9,10 @@ Stages (each usable alone with ``--stages``, each leaving its result in the run 
 3. ``features``   frozen trunk activations for every (train image, view) (``runs/cache``; views
                   0..7 dihedral, 8+ seeded crop + colour, see ``features.make_view``)
 4. ``contrastive``LiT training of the last image blocks + projections, scene loss via class
-                  prompts (``contrastive/``; per-epoch checkpoints)
-5. ``embed``      image embeddings of every cached view with the trained tower (``embeddings.pt``)
+                  prompts (``contrastive/``; per-epoch checkpoints); with ``encoder.kind: clip``
+                  a whole open_clip / transformers CLIP, fine-tuned or from scratch, on images read
+                  per step (``clip_trainer``; the features stage then has nothing to do)
+5. ``embed``      image embeddings of every training view with the trained tower (``embeddings.pt``)
 6. ``mapping``    prefix mapping (+ LM fine-tuning) on those embeddings (``mapping/``)
 7. ``export``     the checkpoint directory (``model/``, copied to ``export.dir`` if set)
 8. ``evaluate``   the exported model on the val split with ``rscaption evaluate`` (``eval.json``)
@@ -48,21 +50,41 @@ class TrainError(RscaptionError):
 # config
 
 
-def load_config(path) -> dict:
+def load_config(path, _seen=()) -> dict:
+    """A YAML or JSON run config. ``extends: other.yaml`` (relative to this file) starts from another
+    config and overrides it key by key (nested mappings merge, everything else replaces), so a
+    variant states only what differs from the recipe it varies."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"training config not found: {path}")
     text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    import yaml
 
-        cfg = yaml.safe_load(text)
-    else:
-        cfg = json.loads(text)
+    try:
+        is_yaml = path.suffix.lower() in (".yaml", ".yml")
+        cfg = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise TrainError(f"{path}: not valid {'YAML' if is_yaml else 'JSON'}: "
+                         f"{(str(exc).splitlines() or [''])[0]}") from None
     if not isinstance(cfg, dict):
         raise TrainError(f"{path}: a training config must be a mapping")
+    base = cfg.pop("extends", None)
+    if base:
+        base_path = (path.parent / str(base)).resolve()
+        if base_path in _seen:
+            raise TrainError(f"{path}: 'extends' loops back to {base_path}")
+        parent = load_config(base_path, (*_seen, path.resolve()))
+        parent.pop("_config_path", None)
+        cfg = merge_config(parent, cfg)
     cfg["_config_path"] = str(path.resolve())
     return cfg
+
+
+def merge_config(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def resolve_path(p, cfg: dict) -> str | None:
