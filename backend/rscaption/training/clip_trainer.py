@@ -158,8 +158,7 @@ class ClipTrainer:
 
     @torch.no_grad()
     def accuracy(self, images, labels) -> float:
-        if not self.prompts:
-            return float("nan")
+        """Zero-shot scene accuracy through the class prompts (the trained classifier)."""
         with self.autocast():
             prompts = self.enc.encode_text(self.prompts).float().cpu()
         pred = (self.embed(images) @ prompts.T).argmax(-1).numpy()
@@ -221,7 +220,7 @@ def train_clip(trainer: ClipTrainer, records, labels, caption_texts: list[str], 
             bar.set_postfix(loss=f"{m['loss']:.3f}")
         rec = {"stage": "contrastive", "epoch": epoch + 1, "seconds": round(time.time() - t0, 1)}
         rec.update({k: round(v / steps_per_epoch, 4) for k, v in sums.items()})
-        if val is not None:
+        if val is not None and trainer.prompts:
             val_images, val_labels = val
             rec["val_accuracy"] = round(trainer.accuracy(val_images, val_labels), 2)
         history.append(rec)
