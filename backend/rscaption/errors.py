@@ -17,5 +17,9 @@ class StoreError(RscaptionError):
     """An output GeoPackage is missing, corrupt, or was written by an incompatible run."""
 
 
+class TrainError(RscaptionError):
+    """A training config is invalid or a run dir is in a state the command cannot continue from."""
+
+
 class Cancelled(RscaptionError):
     """The run was cancelled by the user; finished work has been kept."""

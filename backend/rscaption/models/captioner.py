@@ -24,6 +24,18 @@ from ..errors import ModelError
 from .encoders import Encoder, images_to_pixels
 
 
+def _describe_lm(lm) -> str:
+    """A hub name says what the LM is; a local path (where a checkpoint happens to be unpacked)
+    does not, so local LMs are described by their shape."""
+    cfg = lm.config
+    name = getattr(cfg, "_name_or_path", "") or ""
+    if name and not Path(name).is_absolute() and not Path(name).exists():
+        return name
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    return f"{cfg.model_type} ({layers} layers x {width}, vocabulary {cfg.vocab_size})"
+
+
 class Captioner(nn.Module):
     def __init__(self, encoder: Encoder, mapping: nn.Module | None = None, lm: nn.Module | None = None,
                  tokenizer=None, card: dict | None = None, model_id: str | None = None,
@@ -81,7 +93,7 @@ class Captioner(nn.Module):
         """Facts measured from the modules win over whatever the stored card says."""
         lm_name = None
         if self.lm is not None:
-            lm_name = self._card.get("lm") or getattr(self.lm.config, "_name_or_path", None) or self.lm.config.model_type
+            lm_name = self._card.get("lm") or _describe_lm(self.lm)
         return {
             "description": self._card.get("description", ""),
             "tile_size": self._card.get("tile_size"),

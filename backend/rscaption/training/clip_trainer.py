@@ -25,13 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import RscaptionError
+from ..errors import TrainError
 from .contrastive import clip_losses, cosine_lr
 from .features import make_view, read_rgb
-
-
-class ClipTrainError(RscaptionError):
-    pass
 
 
 def clip_encoder(spec: dict, load_model, resolve=lambda p: p):
@@ -45,7 +41,7 @@ def clip_encoder(spec: dict, load_model, resolve=lambda p: p):
 
     arch = spec.get("open_clip_config")
     if arch is not None and spec.get("model"):
-        raise ClipTrainError("encoder: give either 'model' (fine-tune) or 'open_clip_config' (from scratch), not both")
+        raise TrainError("encoder: give either 'model' (fine-tune) or 'open_clip_config' (from scratch), not both")
     if arch is not None:
         if isinstance(arch, str):
             import json
@@ -53,16 +49,16 @@ def clip_encoder(spec: dict, load_model, resolve=lambda p: p):
 
             path = Path(resolve(arch))
             if not path.is_file():
-                raise ClipTrainError(f"open_clip_config file not found: {arch}")
+                raise TrainError(f"open_clip_config file not found: {arch}")
             arch = json.loads(path.read_text())
             arch = arch.get("model_cfg", arch)
         torch.manual_seed(int(spec.get("init_seed", 0)))
         try:
             return OpenClipEncoder.from_config(arch).float()
         except Exception as exc:
-            raise ClipTrainError(f"invalid open_clip_config: {(str(exc).splitlines() or [''])[0]}") from None
+            raise TrainError(f"invalid open_clip_config: {(str(exc).splitlines() or [''])[0]}") from None
     if not spec.get("model"):
-        raise ClipTrainError("encoder.kind 'clip' needs 'model' (a CLIP to fine-tune) or 'open_clip_config' "
+        raise TrainError("encoder.kind 'clip' needs 'model' (a CLIP to fine-tune) or 'open_clip_config' "
                              "(an architecture to train from scratch)")
     src = str(spec["model"])
     local = resolve(src)
@@ -70,10 +66,10 @@ def clip_encoder(spec: dict, load_model, resolve=lambda p: p):
 
     enc = load_model(local if Path(local).exists() else src, device="cpu", dtype=torch.float32).encoder
     if not isinstance(enc, (OpenClipEncoder, HFClipEncoder)):
-        raise ClipTrainError(f"'{src}' has a {enc.kind} encoder; encoder.kind 'clip' fine-tunes open_clip or "
+        raise TrainError(f"'{src}' has a {enc.kind} encoder; encoder.kind 'clip' fine-tunes open_clip or "
                              "transformers CLIP models (use the default kind 'lit' for LiT towers)")
     if isinstance(enc, OpenClipEncoder) and enc.model_cfg is None:
-        raise ClipTrainError(f"the architecture config of '{src}' is unknown, so a fine-tuned copy could not be "
+        raise TrainError(f"the architecture config of '{src}' is unknown, so a fine-tuned copy could not be "
                              "saved; load it from a directory with open_clip_config.json or from an rscaption "
                              "checkpoint")
     return enc
@@ -91,7 +87,7 @@ def select_params(encoder, prefixes) -> list[str]:
     for pre in prefixes:
         if not any(n.startswith(pre) for n in names):
             sample = sorted({n.split(".")[0] for n in names})
-            raise ClipTrainError(f"train_params prefix '{pre}' matches no parameter; top-level names: {sample}")
+            raise TrainError(f"train_params prefix '{pre}' matches no parameter; top-level names: {sample}")
     chosen = [n for n in names if any(n.startswith(p) for p in prefixes)]
     for n, p in encoder.model.named_parameters():
         p.requires_grad_(n in chosen)
@@ -169,7 +165,7 @@ def load_trained_state(encoder, state: dict) -> None:
     params = dict(encoder.model.named_parameters())
     unknown = [n for n in state if n not in params]
     if unknown:
-        raise ClipTrainError(f"trained CLIP weights do not match the starting model (e.g. {unknown[0]})")
+        raise TrainError(f"trained CLIP weights do not match the starting model (e.g. {unknown[0]})")
     with torch.no_grad():
         for n, v in state.items():
             params[n].copy_(v.to(params[n].dtype))

@@ -36,14 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RscaptionError
+from ..errors import RscaptionError, TrainError
 
 STAGES = ("tokenizer", "lm", "features", "contrastive", "embed", "mapping", "export", "evaluate")
 REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-class TrainError(RscaptionError):
-    """A training config is invalid or a run dir is in a state the command cannot continue from."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,17 +458,12 @@ def stage_clip_contrastive(run: Run, rng):
     """``encoder.kind: clip``: every image read per step, both towers run (``clip_trainer``)."""
     import torch
 
-    from .clip_trainer import ClipTrainer, ClipTrainError, read_views, train_clip
+    from .clip_trainer import ClipTrainer, read_views, train_clip
 
     ds, train, val = _data(run)
     enc = _clip_encoder(run)
     cfg = run.cfg.get("contrastive", {})
-    device = _device(run)
-    try:
-        trainer = ClipTrainer(enc, _prompt_texts(run, ds), cfg, device,
-                              run.cfg.get("encoder", {}).get("train_params"))
-    except ClipTrainError as exc:
-        raise TrainError(str(exc)) from None
+    trainer = ClipTrainer(enc, _prompt_texts(run, ds), cfg, _device(run), run.cfg.get("encoder", {}).get("train_params"))
     cdir = run.dir / "contrastive"
     cdir.mkdir(exist_ok=True)
     ck = cdir / "last.pt"
@@ -490,7 +481,7 @@ def stage_clip_contrastive(run: Run, rng):
         os.replace(cdir / "last.tmp", ck)
 
     texts, cap_ids = _unique_captions(train.records)
-    run.log({"stage": "contrastive", "kind": "clip", "device": str(device), "trained_tensors": len(trainer.names),
+    run.log({"stage": "contrastive", "kind": "clip", "device": str(trainer.device), "trained_tensors": len(trainer.names),
              "trained_params": sum(p.numel() for p in trainer.params)})
     val_images = read_views(val.records, [0] * len(val.records))
     hist = train_clip(trainer, train.records, [r.label for r in train.records], texts, cap_ids, cfg,
