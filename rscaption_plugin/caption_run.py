@@ -11,7 +11,7 @@ import time
 
 from qgis.core import Qgis, QgsApplication, QgsProject
 
-from .layers import has_tile_table, open_tile_layer, refresh_layer
+from .layers import has_tile_table, open_tile_layer, refresh_layer, settle_store
 from .tasks import CaptionTask, Outcome, log
 
 
@@ -29,6 +29,7 @@ class CaptionRun:
         self.tiles_seen = 0
         self.progress_seen: list[float] = []
         self._last_refresh = 0.0
+        self._committed: int | None = None  # tiles in the file after a failed or cancelled run
         self.task = CaptionTask(request.job, request.mode, request.python, on_finished=self._finished,
                                 description=f"rscaption: caption {request.layer_name}")
         self.task.tilesAdded.connect(self._tiles_added)
@@ -83,6 +84,10 @@ class CaptionRun:
 
     def _finished(self, outcome: Outcome) -> None:
         self.outcome = outcome
+        if not outcome.ok:  # the writer may have died mid-transaction: roll that back first
+            self._committed = settle_store(self.request.job.out)
+            if self._committed is None and has_tile_table(self.request.job.out):
+                log(f"cannot read {self.request.job.out} after the run")
         self._ensure_layer()
         if self.layer is not None:
             refresh_layer(self.layer)
@@ -101,7 +106,9 @@ class CaptionRun:
             self.on_done(self)
 
     def _kept(self) -> int:
-        return self.layer.featureCount() if self.layer is not None else 0
+        if self._committed is not None:
+            return self._committed
+        return max(0, self.layer.featureCount()) if self.layer is not None else 0
 
     def _message(self, text: str, level, duration: int) -> None:
         log(text, level)

@@ -166,6 +166,27 @@ def zoom_to_tile(canvas, layer: QgsVectorLayer, tile_id, margin: float = 1.5) ->
     return True
 
 
+def settle_store(gpkg: str, timeout_s: float = 5.0) -> int | None:
+    """Make a GeoPackage whose writer died (killed, crashed) readable again; returns the number of
+    committed tiles, or None when the file cannot be read.
+
+    A writer killed inside a transaction leaves a hot rollback journal. OGR reads the file through
+    a read-only connection, which may not roll that journal back ("attempt to write a readonly
+    database"), so the layer would report an unknown feature count and draw nothing. One
+    read-write connection rolls the unfinished transaction back (waiting out the dying writer's
+    lock), after which every reader sees exactly the committed tiles."""
+    if not os.path.isfile(gpkg):
+        return None
+    try:
+        con = sqlite3.connect(gpkg, timeout=timeout_s)
+        try:
+            return int(con.execute(f"SELECT COUNT(*) FROM {TILE_LAYER}").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
 def refresh_layer(layer: QgsVectorLayer) -> None:
     """Pick up rows committed by the writer (another thread or process) since the last read."""
     provider = layer.dataProvider()

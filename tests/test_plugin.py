@@ -138,6 +138,43 @@ def test_killed_backend_fails_clearly_and_keeps_tiles(plugin, geotiff, tiny, tmp
     assert run.layer is not None and run.layer.featureCount() == kept
 
 
+def test_layer_recovers_when_its_writer_dies_inside_a_transaction(qgis_new_project, geotiff, tiny, tmp_path):
+    """The deterministic form of the killed-backend case: the layer is open (read-only OGR
+    connection) while a writer is SIGKILLed mid-transaction, leaving a hot journal. Settling the
+    store rolls it back, and the layer then shows exactly the committed tiles."""
+    from rscaption.pipeline import caption_raster
+    from rscaption.tiling import TilingParams
+    from rscaption_plugin.layers import open_tile_layer, refresh_layer, settle_store
+
+    out = tmp_path / "dying.gpkg"
+    caption_raster(str(geotiff("RGB.byte.tif")), str(out), model=tiny, tiling=TilingParams(tile_size=128),
+                   batch_size=8)
+    committed = gpkg_tile_count(out)
+    layer = open_tile_layer(str(out), "dying")
+    assert layer.featureCount() == committed
+    writer = textwrap.dedent(f"""
+        import os, signal, sqlite3
+        con = sqlite3.connect({str(out)!r}, isolation_level=None)
+        con.execute("PRAGMA cache_size = 1")  # spill changed pages into the file before commit
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("CREATE TABLE scratch (x BLOB)")
+        for _ in range(100):
+            con.execute("INSERT INTO scratch VALUES (zeroblob(8192))")
+        con.execute("DELETE FROM rscaption_embeddings")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    rc = subprocess.run([sys.executable, "-c", writer]).returncode
+    assert rc == -signal.SIGKILL
+    assert os.path.getsize(f"{out}-journal") > 0, "the killed writer left a hot journal"
+
+    assert settle_store(str(out)) == committed
+    assert not os.path.exists(f"{out}-journal") or os.path.getsize(f"{out}-journal") == 0
+    refresh_layer(layer)
+    assert layer.featureCount() == committed
+    assert len(list(layer.getFeatures())) == committed
+    assert settle_store(str(tmp_path / "missing.gpkg")) is None
+
+
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory, tiny):
     """A captioned GeoPackage made by the backend directly (the dock tests only read it)."""
