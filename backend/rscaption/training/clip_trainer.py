@@ -18,35 +18,35 @@ keeps the fine-tuned encoder behaving at export exactly as it did when validated
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import TrainError
 from .contrastive import clip_losses, cosine_lr
 from .features import make_view, read_rgb
 
 
-def clip_encoder(spec: dict, load_model, resolve=lambda p: p):
+def clip_encoder(spec: dict, resolve=lambda p: p):
     """The encoder a ``{kind: clip}`` run starts from (fp32, CPU).
 
     ``model``: anything ``load_model`` accepts that has a CLIP encoder (a checkpoint dir, an
-    open_clip or transformers CLIP dir, a hub name such as ``hf-hub:chendelong/RemoteCLIP-ViT-B-32``
-    or ``ViT-B-32/openai`` when the network or a warm cache is there); ``open_clip_config``: an
-    open_clip architecture dict (or a JSON file holding one) for a CLIP trained from scratch."""
+    open_clip or transformers CLIP dir, or, when the network or a warm cache is there, a hub name
+    such as ``ViT-B-32/openai`` or ``hf-hub:<org>/<repo>``); ``open_clip_config``: an open_clip
+    architecture dict (or a JSON file holding one) for a CLIP trained from scratch. ``resolve``
+    turns config-relative paths into real ones."""
     from ..models.encoders import HFClipEncoder, OpenClipEncoder
+    from ..models.registry import load_model
 
     arch = spec.get("open_clip_config")
     if arch is not None and spec.get("model"):
         raise TrainError("encoder: give either 'model' (fine-tune) or 'open_clip_config' (from scratch), not both")
     if arch is not None:
         if isinstance(arch, str):
-            import json
-            from pathlib import Path
-
             path = Path(resolve(arch))
             if not path.is_file():
                 raise TrainError(f"open_clip_config file not found: {arch}")
@@ -59,19 +59,17 @@ def clip_encoder(spec: dict, load_model, resolve=lambda p: p):
             raise TrainError(f"invalid open_clip_config: {(str(exc).splitlines() or [''])[0]}") from None
     if not spec.get("model"):
         raise TrainError("encoder.kind 'clip' needs 'model' (a CLIP to fine-tune) or 'open_clip_config' "
-                             "(an architecture to train from scratch)")
+                         "(an architecture to train from scratch)")
     src = str(spec["model"])
     local = resolve(src)
-    from pathlib import Path
-
     enc = load_model(local if Path(local).exists() else src, device="cpu", dtype=torch.float32).encoder
     if not isinstance(enc, (OpenClipEncoder, HFClipEncoder)):
         raise TrainError(f"'{src}' has a {enc.kind} encoder; encoder.kind 'clip' fine-tunes open_clip or "
-                             "transformers CLIP models (use the default kind 'lit' for LiT towers)")
+                         "transformers CLIP models (use the default kind 'lit' for LiT towers)")
     if isinstance(enc, OpenClipEncoder) and enc.model_cfg is None:
         raise TrainError(f"the architecture config of '{src}' is unknown, so a fine-tuned copy could not be "
-                             "saved; load it from a directory with open_clip_config.json or from an rscaption "
-                             "checkpoint")
+                         "saved; load it from a directory with open_clip_config.json or from an rscaption "
+                         "checkpoint")
     return enc
 
 

@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 PROMPT_TEMPLATE = "an aerial image of a {}."

@@ -196,12 +196,11 @@ def _encoder_kind(run: Run) -> str:
 
 
 def _clip_encoder(run: Run):
-    from ..models.registry import load_model
     from .clip_trainer import clip_encoder
 
     spec = run.cfg.get("encoder", {})
     return _load_or_fail("CLIP encoder", str(spec.get("model") or spec.get("open_clip_config")),
-                         lambda: clip_encoder(spec, load_model, resolve=lambda p: resolve_path(p, run.cfg)))
+                         lambda: clip_encoder(spec, resolve=lambda p: resolve_path(p, run.cfg)))
 
 
 def _device(run: Run):
