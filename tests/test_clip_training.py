@@ -64,6 +64,7 @@ def test_finetune_a_pretrained_open_clip_end_to_end_with_resume(tmp_path):
 
     cap = load_model(str(run / "model"))
     assert cap.encoder.kind == "open_clip"
+    assert cap.card["lm"].startswith("gpt2 (1 layers x 32, vocabulary"), "a local LM is described by its shape"
     after = cap.encoder.model.state_dict()
     assert not torch.equal(after["visual.conv1.weight"], before["visual.conv1.weight"]), "image tower trained"
     assert torch.equal(after["token_embedding.weight"], before["token_embedding.weight"]), "text tower frozen"
