@@ -159,6 +159,14 @@ class ClipTrainer:
         return float(100.0 * np.mean(pred == np.asarray(labels)))
 
 
+def embed_records(trainer: ClipTrainer, records, view: int, chunk: int = 256) -> torch.Tensor:
+    """Embeddings of one view of every record, reading ``chunk`` images at a time (a large
+    dataset never sits in memory as pixels)."""
+    parts = [trainer.embed(read_views(records[i:i + chunk], [view] * len(records[i:i + chunk])))
+             for i in range(0, len(records), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, trainer.enc.embed_dim)
+
+
 def load_trained_state(encoder, state: dict) -> None:
     params = dict(encoder.model.named_parameters())
     unknown = [n for n in state if n not in params]

@@ -530,14 +530,12 @@ def _embed_clip(run: Run, enc, train, val):
     LiT path writes, so the mapping stage does not care which stage 2 ran)."""
     import torch
 
-    from .clip_trainer import ClipTrainer, read_views
+    from .clip_trainer import ClipTrainer, embed_records
 
     trainer = ClipTrainer(enc, [], {}, _device(run))
     t0 = time.time()
-    views = _views(run)[0]
-    per_view = [trainer.embed(read_views(train.records, [v] * len(train.records))) for v in views]
-    emb = {"train": torch.stack(per_view, dim=1),
-           "val": trainer.embed(read_views(val.records, [0] * len(val.records)))[:, None]}
+    per_view = [embed_records(trainer, train.records, v) for v in _views(run)[0]]
+    emb = {"train": torch.stack(per_view, dim=1), "val": embed_records(trainer, val.records, 0)[:, None]}
     torch.save(emb, run.dir / "embeddings.pt")
     info = {"train": list(emb["train"].shape), "val": list(emb["val"].shape), "seconds": round(time.time() - t0, 1)}
     run.log({"stage": "embed", **info})
