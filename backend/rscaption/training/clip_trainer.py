@@ -19,7 +19,6 @@ keeps the fine-tuned encoder behaving at export exactly as it did when validated
 from __future__ import annotations
 
 import json
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import TrainError
-from .contrastive import clip_losses, cosine_lr
+from .contrastive import clip_losses, epoch_loop, multi_positive_mask
 from .features import make_view, read_rgb
 
 
@@ -96,7 +95,6 @@ class ClipTrainer:
     def __init__(self, encoder, prompts: list[str] | None, cfg: dict, device, train_params=None):
         self.enc = encoder.to(device).float().eval()
         self.device = device
-        self.cfg = cfg
         self.prompts = list(prompts or [])
         self.names = select_params(encoder, train_params)
         params = dict(encoder.model.named_parameters())
@@ -191,43 +189,23 @@ def train_clip(trainer: ClipTrainer, records, labels, caption_texts: list[str], 
                on_epoch_end=None) -> list[dict]:
     """Epochs over the training images, each seen once per epoch in one random view with one random
     caption; multi-positive masks as in ``contrastive.train_head``."""
-    from .progress import bar as progress_bar
-
-    n = len(records)
-    bs = min(int(cfg.get("batch_size", 64)), n)
-    epochs = int(cfg.get("epochs", 5))
-    steps_per_epoch = max(1, n // bs)
-    total = epochs * steps_per_epoch
-    warmup = int(cfg.get("warmup_steps", 20))
-    base = [float(cfg.get("lr", 1e-5))] * len(trainer.opt.param_groups)
     cap_sets = [set(c) for c in caption_ids]
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    history = []
-    for epoch in range(start_epoch, epochs):
-        t0 = time.time()
-        order = rng.permutation(n)
-        sums = {"loss": 0.0, "nce": 0.0, "cls": 0.0}
-        bar = progress_bar(range(steps_per_epoch), desc=f"clip {epoch + 1}/{epochs}", leave=False)
-        for s in bar:
-            step = epoch * steps_per_epoch + s
-            for g, b in zip(trainer.opt.param_groups, base):
-                g["lr"] = b * cosine_lr(step, total, warmup)
-            ii = order[s * bs:(s + 1) * bs]
-            images = read_views([records[i] for i in ii], views, rng)
-            caps = [int(rng.choice(caption_ids[i])) for i in ii]
-            pos = torch.tensor([[c in cap_sets[i] for c in caps] for i in ii])
-            m = trainer.step(images, [caption_texts[c] for c in caps], labels_t[ii], pos)
-            for k in sums:
-                sums[k] += m[k]
-            bar.set_postfix(loss=f"{m['loss']:.3f}")
-        rec = {"stage": "contrastive", "epoch": epoch + 1, "seconds": round(time.time() - t0, 1)}
-        rec.update({k: round(v / steps_per_epoch, 4) for k, v in sums.items()})
+
+    def step(ii):
+        images = read_views([records[i] for i in ii], views, rng)
+        caps = [int(rng.choice(caption_ids[i])) for i in ii]
+        return trainer.step(images, [caption_texts[c] for c in caps], labels_t[ii],
+                            multi_positive_mask(caps, ii, cap_sets))
+
+    def finish(epoch, rec):
         if val is not None and trainer.prompts:
-            val_images, val_labels = val
-            rec["val_accuracy"] = round(trainer.accuracy(val_images, val_labels), 2)
-        history.append(rec)
+            rec["val_accuracy"] = round(trainer.accuracy(*val), 2)
         if log:
             log(rec)
         if on_epoch_end:
-            on_epoch_end(epoch + 1)
-    return history
+            on_epoch_end(epoch)
+
+    n = len(records)
+    return epoch_loop(trainer.opt, [float(cfg.get("lr", 1e-5))] * len(trainer.opt.param_groups), n, min(int(cfg.get("batch_size", 64)), n), int(cfg.get("epochs", 5)),
+                      int(cfg.get("warmup_steps", 20)), rng, step, finish, "clip", start_epoch)

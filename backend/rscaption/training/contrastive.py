@@ -151,6 +151,42 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
+def epoch_loop(opt, base_lrs: list[float], n_items: int, batch_size: int, epochs: int, warmup: int,
+               rng: np.random.Generator, step_fn, finish_fn, desc: str, start_epoch: int = 0) -> list[dict]:
+    """The epoch loop both stage-2 trainers share: a seeded permutation of ``n_items`` per epoch,
+    warmup + cosine LR on every parameter group, and per-epoch mean losses in a log record that
+    ``finish_fn(epoch, rec)`` completes (validation, logging, checkpoint); ``base_lrs`` are the
+    peak rates of the parameter groups."""
+    from .progress import bar as progress_bar
+
+    steps_per_epoch = max(1, n_items // batch_size)
+    total = epochs * steps_per_epoch
+    history = []
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        order = rng.permutation(n_items)
+        sums: dict[str, float] = {}
+        bar = progress_bar(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False)
+        for s in bar:
+            step = epoch * steps_per_epoch + s
+            for g, b in zip(opt.param_groups, base_lrs):
+                g["lr"] = b * cosine_lr(step, total, warmup)
+            m = step_fn(order[s * batch_size:(s + 1) * batch_size])
+            for k, x in m.items():
+                sums[k] = sums.get(k, 0.0) + x
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+        rec = {"stage": "contrastive", "epoch": epoch + 1, "seconds": round(time.time() - t0, 1)}
+        rec.update({k: round(x / steps_per_epoch, 4) for k, x in sums.items()})
+        finish_fn(epoch + 1, rec)
+        history.append(rec)
+    return history
+
+
+def multi_positive_mask(caps: list[int], images, cap_sets: list[set]) -> torch.Tensor:
+    """``[i, j]`` true when caption ``caps[j]`` is one of image ``images[i]``'s sentences."""
+    return torch.tensor([[c in cap_sets[i] for c in caps] for i in images])
+
+
 def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, caption_ids: list[list[int]],
                caption_feats: torch.Tensor, cfg: dict, rng: np.random.Generator, log=None,
                val=None, start_epoch: int = 0, on_epoch_end=None) -> list[dict]:
@@ -159,45 +195,25 @@ def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, capt
     ``caption_ids[i]`` are indices into ``caption_feats`` of image i's captions (deduplicated
     sentences share an index, which is what makes the multi-positive mask exact).
     """
-    from .progress import bar as progress_bar
-
     n, v = trunk.shape[:2]
-    bs = int(cfg.get("batch_size", 64))
-    epochs = int(cfg.get("epochs", 8))
-    steps_per_epoch = (n * v) // bs
-    total = epochs * steps_per_epoch
-    warmup = int(cfg.get("warmup_steps", 20))
-    base = [g["lr"] for g in trainer.opt.param_groups]
     cap_sets = [set(c) for c in caption_ids]
-    history = []
     labels_t = torch.as_tensor(labels, dtype=torch.long)
-    for epoch in range(start_epoch, epochs):
-        t0 = time.time()
-        order = rng.permutation(n * v)
-        sums = {"loss": 0.0, "nce": 0.0, "cls": 0.0}
-        bar = progress_bar(range(steps_per_epoch), desc=f"contrastive {epoch + 1}/{epochs}", leave=False)
-        for s in bar:
-            step = epoch * steps_per_epoch + s
-            for g, b in zip(trainer.opt.param_groups, base):
-                g["lr"] = b * cosine_lr(step, total, warmup)
-            idx = order[s * bs:(s + 1) * bs]
-            ii, vv = idx // v, idx % v
-            h = torch.from_numpy(trunk[ii, vv])
-            caps = [int(rng.choice(caption_ids[i])) for i in ii]
-            pos = torch.tensor([[c in cap_sets[i] for c in caps] for i in ii])
-            m = trainer.step(h, labels_t[ii], caption_feats[caps], pos)
-            for k in sums:
-                sums[k] += m[k]
-            bar.set_postfix(loss=f"{m['loss']:.3f}")
-        rec = {"stage": "contrastive", "epoch": epoch + 1, "seconds": round(time.time() - t0, 1)}
-        rec.update({k: round(val_ / steps_per_epoch, 4) for k, val_ in sums.items()})
+
+    def step(idx):
+        ii, vv = idx // v, idx % v
+        caps = [int(rng.choice(caption_ids[i])) for i in ii]
+        return trainer.step(torch.from_numpy(trunk[ii, vv]), labels_t[ii], caption_feats[caps],
+                            multi_positive_mask(caps, ii, cap_sets))
+
+    def finish(epoch, rec):
         trainer.swap_ema()  # evaluate (and save) the averaged weights
         if val is not None:
             rec["val_accuracy"] = round(trainer.accuracy(*val), 2)
-        history.append(rec)
         if log:
             log(rec)
         if on_epoch_end:
-            on_epoch_end(epoch + 1)
+            on_epoch_end(epoch)
         trainer.swap_ema()
-    return history
+
+    return epoch_loop(trainer.opt, [g["lr"] for g in trainer.opt.param_groups], n * v, int(cfg.get("batch_size", 64)), int(cfg.get("epochs", 8)),
+                      int(cfg.get("warmup_steps", 20)), rng, step, finish, "contrastive", start_epoch)
