@@ -105,3 +105,37 @@ def test_tiny_training_run_end_to_end(tmp_path):
     train(cfg5, out=run, resume=True, stages=["mapping"], progress=False)
     mp = _log(run, "mapping")
     assert [r["epoch"] for r in mp] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_interrupted_contrastive_stage_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """A run stopped during epoch 3 and resumed must train exactly what an uninterrupted run
+    trains: same data order, same EMA, and the learning-rate schedule continued (not restarted
+    from the rate the optimizer held when it was saved)."""
+    from rscaption.training.contrastive import HeadTrainer
+
+    data = _fixture(tmp_path)
+    cfg = _config(data, tmp_path, mapping_epochs=1)
+    whole = tmp_path / "whole"
+    train(cfg, out=whole, stages=["features", "contrastive"], progress=False)
+
+    calls = {"n": 0}
+    accuracy = HeadTrainer.accuracy
+
+    def stop_in_epoch_3(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 3:  # end of epoch 3, before its checkpoint: epoch 2 is the last saved
+            raise KeyboardInterrupt
+        return accuracy(self, *a)
+
+    monkeypatch.setattr(HeadTrainer, "accuracy", stop_in_epoch_3)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=cut, stages=["features", "contrastive"], progress=False)
+    monkeypatch.setattr(HeadTrainer, "accuracy", accuracy)
+    train(cfg, out=cut, resume=True, stages=["contrastive"], progress=False)
+
+    def final(run):
+        return [(r["epoch"], r["loss"], r["val_accuracy"]) for r in _log(run, "contrastive")][-1]
+
+    assert final(cut) == final(whole)

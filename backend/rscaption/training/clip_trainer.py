@@ -106,6 +106,7 @@ class ClipTrainer:
             {"params": decay, "weight_decay": float(cfg.get("weight_decay", 0.05))},
             {"params": no_decay, "weight_decay": 0.0},
         ], lr=float(cfg.get("lr", 1e-5)), betas=(0.9, 0.98), eps=1e-6)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before any resumed state is loaded
         self.cls_weight = float(cfg.get("class_loss_weight", 1.0)) if self.prompts else 0.0
         self.nce_weight = float(cfg.get("contrastive_loss_weight", 1.0))
         self.label_smoothing = float(cfg.get("label_smoothing", 0.1))
@@ -207,5 +208,5 @@ def train_clip(trainer: ClipTrainer, records, labels, caption_texts: list[str], 
             on_epoch_end(epoch)
 
     n = len(records)
-    return epoch_loop(trainer.opt, [float(cfg.get("lr", 1e-5))] * len(trainer.opt.param_groups), n, min(int(cfg.get("batch_size", 64)), n), int(cfg.get("epochs", 5)),
+    return epoch_loop(trainer.opt, trainer.base_lrs, n, min(int(cfg.get("batch_size", 64)), n), int(cfg.get("epochs", 5)),
                       int(cfg.get("warmup_steps", 20)), rng, step, finish, "clip", start_epoch)

@@ -74,6 +74,8 @@ class HeadTrainer:
             {"params": head_params, "lr": float(cfg.get("lr_tower", 3e-4))},
             {"params": proj_params, "lr": float(cfg.get("lr_proj", 1e-3))},
         ], weight_decay=float(cfg.get("weight_decay", 0.05)))
+        # peak rates from the config: a resumed optimizer's groups hold the last scheduled rates
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.cls_weight = float(cfg.get("class_loss_weight", 1.0))
         self.nce_weight = float(cfg.get("contrastive_loss_weight", 1.0))
         self.label_smoothing = float(cfg.get("label_smoothing", 0.1))
@@ -215,5 +217,5 @@ def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, capt
             on_epoch_end(epoch)
         trainer.swap_ema()
 
-    return epoch_loop(trainer.opt, [g["lr"] for g in trainer.opt.param_groups], n * v, int(cfg.get("batch_size", 64)), int(cfg.get("epochs", 8)),
+    return epoch_loop(trainer.opt, trainer.base_lrs, n * v, int(cfg.get("batch_size", 64)), int(cfg.get("epochs", 8)),
                       int(cfg.get("warmup_steps", 20)), rng, step, finish, "contrastive", start_epoch)
