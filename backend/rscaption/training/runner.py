@@ -281,6 +281,15 @@ def _tower(run: Run, enc):
     return SplitTower(enc.image_tower, _cut_points(run)[1])
 
 
+def _save_checkpoint(state: dict, path: Path) -> None:
+    """A stage's resumable state, replaced atomically: an interrupt never leaves half a file."""
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def _unique_captions(records):
     """Deduplicated normalised sentences + per-image indices (see contrastive multi-positives)."""
     from .datasets import normalize_caption
@@ -441,9 +450,8 @@ def stage_contrastive(run: Run, rng):
             live = enc.trainable_state()
             live = {k: v.clone() for k, v in live.items()}
             trainer.swap_ema()
-        torch.save({"encoder": enc.trainable_state(), "live": live, "opt": trainer.opt.state_dict(),
-                    "epoch": epoch, "rng": rng.bit_generator.state}, cdir / "last.tmp")
-        os.replace(cdir / "last.tmp", ck)
+        _save_checkpoint({"encoder": enc.trainable_state(), "live": live, "opt": trainer.opt.state_dict(),
+                          "epoch": epoch, "rng": rng.bit_generator.state}, ck)
 
     labels = np.array([r.label for r in train.records])
     val_labels = np.array([r.label for r in val.records])
@@ -475,9 +483,8 @@ def stage_clip_contrastive(run: Run, rng):
         start = st["epoch"]
 
     def save(epoch):
-        torch.save({"encoder": trainer.trained_state(), "live": None, "opt": trainer.opt.state_dict(),
-                    "epoch": epoch, "rng": rng.bit_generator.state}, cdir / "last.tmp")
-        os.replace(cdir / "last.tmp", ck)
+        _save_checkpoint({"encoder": trainer.trained_state(), "live": None, "opt": trainer.opt.state_dict(),
+                          "epoch": epoch, "rng": rng.bit_generator.state}, ck)
 
     texts, cap_ids = _unique_captions(train.records)
     run.log({"stage": "contrastive", "kind": "clip", "device": str(trainer.device), "trained_tensors": len(trainer.names),
@@ -610,9 +617,8 @@ def stage_mapping(run: Run, rng):
         start = st["epoch"]
 
     def save(epoch):
-        torch.save({"mapping": cap.mapping.state_dict(), "lm": cap.lm.state_dict(), "epoch": epoch,
-                    "rng": rng.bit_generator.state}, mdir / "last.tmp")
-        os.replace(mdir / "last.tmp", ck)
+        _save_checkpoint({"mapping": cap.mapping.state_dict(), "lm": cap.lm.state_dict(), "epoch": epoch,
+                          "rng": rng.bit_generator.state}, ck)
 
     every = int(cfg.get("val_every", 0))
     epochs = int(cfg.get("epochs", 10))
