@@ -176,5 +176,7 @@ def test_shipped_configs_load_and_name_known_stages_and_kinds():
     assert len(configs) >= 3
     for path in configs:
         cfg = load_config(path)
-        assert cfg["data"]["captions"].endswith("dataset.json"), path
+        data = cfg["data"]
+        paths = [data["captions"]] if "captions" in data else [s["path"] for s in data["sets"]]
+        assert paths and all(p.endswith((".json", ".jsonl")) for p in paths), path
         assert cfg.get("encoder", {}).get("kind", "lit") in ("lit", "clip"), path

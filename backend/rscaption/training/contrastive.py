@@ -53,8 +53,31 @@ def clip_losses(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, scale: 
     nce = 0.5 * (_multi_positive_nce(logits, pos) + _multi_positive_nce(logits.T, pos.T))
     if prompts is None or labels is None:
         return nce, torch.zeros((), device=img.device)
-    cls = F.cross_entropy(scale * img @ prompts.T, labels, label_smoothing=label_smoothing)
-    return nce, cls
+    return nce, scene_loss(scale * img @ prompts.T, labels, label_smoothing)
+
+
+def scene_loss(logits: torch.Tensor, target, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Cross-entropy over class prompts. ``target`` is a class index per row, or ``(positives,
+    allowed)`` boolean ``[B, K]`` masks when several training sets share one vocabulary: the
+    softmax runs over the classes the row's set can name, and the mass on every right class counts
+    (RSSCN7 "Resident" is right as dense, medium or sparse residential). Label smoothing spreads
+    over the allowed classes only."""
+    if not isinstance(target, (tuple, list)):
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    pos, allowed = target
+    logp = logits.masked_fill(~allowed, -1e4).log_softmax(dim=-1)
+    nll = -torch.logsumexp(logp.masked_fill(~pos, -1e4), dim=-1)
+    if label_smoothing > 0:
+        uniform = -(logp * allowed).sum(-1) / allowed.sum(-1).clamp(min=1)
+        nll = (1 - label_smoothing) * nll + label_smoothing * uniform
+    return nll.mean()
+
+
+def restricted_predictions(logits: torch.Tensor, allowed=None) -> torch.Tensor:
+    """Argmax over the classes a set can name (all classes when ``allowed`` is None)."""
+    if allowed is None:
+        return logits.argmax(-1)
+    return logits.masked_fill(~torch.as_tensor(allowed), float("-inf")).argmax(-1)
 
 
 class HeadTrainer:
@@ -141,9 +164,19 @@ class HeadTrainer:
 
     @torch.no_grad()
     def accuracy(self, trunk: np.ndarray, labels) -> float:
+        """Percent right; ``labels`` are class indices or ``(positives, allowed)`` masks (a
+        prediction is restricted to the allowed classes and right when it is a positive). The
+        per-image outcome is kept in ``last_correct`` for per-set figures."""
         emb = self.embed_all(trunk)[:, 0]
-        pred = self.class_logits(emb).argmax(-1).numpy()
-        return float(100.0 * np.mean(pred == np.asarray(labels)))
+        logits = self.class_logits(emb)
+        if isinstance(labels, (tuple, list)):
+            pos, allowed = labels
+            pred = restricted_predictions(logits, allowed).numpy()
+            correct = np.asarray(pos)[np.arange(len(pred)), pred]
+        else:
+            correct = logits.argmax(-1).numpy() == np.asarray(labels)
+        self.last_correct = correct
+        return float(100.0 * np.mean(correct))
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -154,8 +187,10 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def epoch_loop(opt, base_lrs: list[float], n_items: int, batch_size: int, epochs: int, warmup: int,
-               rng: np.random.Generator, step_fn, finish_fn, desc: str, start_epoch: int = 0) -> list[dict]:
-    """The epoch loop both stage-2 trainers share: a seeded permutation of ``n_items`` per epoch,
+               rng: np.random.Generator, step_fn, finish_fn, desc: str, start_epoch: int = 0,
+               order_fn=None) -> list[dict]:
+    """The epoch loop both stage-2 trainers share: a seeded permutation of ``n_items`` per epoch
+    (or ``order_fn(rng)``, e.g. weighted draws over several sets, always ``n_items`` long),
     warmup + cosine LR on every parameter group, and per-epoch mean losses in a log record that
     ``finish_fn(epoch, rec)`` completes (validation, logging, checkpoint); ``base_lrs`` are the
     peak rates of the parameter groups."""
@@ -166,7 +201,7 @@ def epoch_loop(opt, base_lrs: list[float], n_items: int, batch_size: int, epochs
     history = []
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        order = rng.permutation(n_items)
+        order = order_fn(rng) if order_fn is not None else rng.permutation(n_items)
         sums: dict[str, float] = {}
         bar = progress_bar(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False)
         for s in bar:
@@ -189,33 +224,56 @@ def multi_positive_mask(caps: list[int], images, cap_sets: list[set]) -> torch.T
     return torch.tensor([[c in cap_sets[i] for c in caps] for i in images])
 
 
-def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels: np.ndarray, caption_ids: list[list[int]],
+def train_head(trainer: HeadTrainer, trunk: np.ndarray, labels, caption_ids: list[list[int]],
                caption_feats: torch.Tensor, cfg: dict, rng: np.random.Generator, log=None,
-               val=None, start_epoch: int = 0, on_epoch_end=None) -> list[dict]:
+               val=None, start_epoch: int = 0, on_epoch_end=None, order_fn=None) -> list[dict]:
     """Epochs over (image, view) pairs with one random caption each.
 
+    ``trunk`` is ``[N, V, ...]``; ``labels`` and ``caption_ids`` are per image (row of ``trunk``).
     ``caption_ids[i]`` are indices into ``caption_feats`` of image i's captions (deduplicated
-    sentences share an index, which is what makes the multi-positive mask exact).
+    sentences share an index, which is what makes the multi-positive mask exact). ``labels`` are
+    class indices or ``(positives, allowed)`` masks (see :func:`scene_loss`). ``val`` is
+    ``(trunk, labels)`` or ``(trunk, labels, set_of_image, set_names)`` for per-set accuracy;
+    ``order_fn(rng)`` replaces the plain permutation of the ``N * V`` samples (weighted sets).
     """
     n, v = trunk.shape[:2]
     cap_sets = [set(c) for c in caption_ids]
-    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    if isinstance(labels, (tuple, list)):
+        pos_t, allowed_t = (torch.as_tensor(np.asarray(x), dtype=torch.bool) for x in labels)
+
+        def targets(ii):
+            return pos_t[ii], allowed_t[ii]
+    else:
+        labels_t = torch.as_tensor(labels, dtype=torch.long)
+
+        def targets(ii):
+            return labels_t[ii]
 
     def step(idx):
         ii, vv = idx // v, idx % v
         caps = [int(rng.choice(caption_ids[i])) for i in ii]
-        return trainer.step(torch.from_numpy(trunk[ii, vv]), labels_t[ii], caption_feats[caps],
+        return trainer.step(torch.from_numpy(np.asarray(trunk[ii, vv])), targets(ii), caption_feats[caps],
                             multi_positive_mask(caps, ii, cap_sets))
+
+    n_items = n * v
+    if order_fn is not None:
+        n_items = len(order_fn(np.random.default_rng(0)))
 
     def finish(epoch, rec):
         trainer.swap_ema()  # evaluate (and save) the averaged weights
         if val is not None:
-            rec["val_accuracy"] = round(trainer.accuracy(*val), 2)
+            rec["val_accuracy"] = round(trainer.accuracy(val[0], val[1]), 2)
+            if len(val) > 3 and len(val[3]) > 1:
+                for si, name in enumerate(val[3]):
+                    m = np.asarray(val[2]) == si
+                    if m.any():
+                        rec[f"val_accuracy_{name}"] = round(float(100 * trainer.last_correct[m].mean()), 2)
         if log:
             log(rec)
         if on_epoch_end:
             on_epoch_end(epoch)
         trainer.swap_ema()
 
-    return epoch_loop(trainer.opt, trainer.base_lrs, n * v, int(cfg.get("batch_size", 64)), int(cfg.get("epochs", 8)),
-                      int(cfg.get("warmup_steps", 20)), rng, step, finish, "contrastive", start_epoch)
+    return epoch_loop(trainer.opt, trainer.base_lrs, n_items, int(cfg.get("batch_size", 64)),
+                      int(cfg.get("epochs", 8)), int(cfg.get("warmup_steps", 20)), rng, step, finish,
+                      "contrastive", start_epoch, order_fn)

@@ -211,7 +211,8 @@ def load_karpathy(path, images_dir=None, check: bool = True, require_images: boo
         if is_ucm:
             rec.label = ucm_label(fn)
         else:
-            p = prefix_label(fn)
+            # RSICD-style files carry the scene in a 'class' field; others in the file name
+            p = str(im["class"]) if im.get("class") else prefix_label(fn)
             if p:
                 prefix_names.add(p)
             rec.extra_label = p  # type: ignore[attr-defined]

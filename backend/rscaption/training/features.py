@@ -69,12 +69,41 @@ def augment(img: np.ndarray, view: int, image_path: str = "") -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+# Coarser-resolution views (numbers >= 20): the tile as a sensor with a coarser ground resolution
+# would see it: area-averaged down by 2 ** ((view - 20) / 2) (view 22 = 2x coarser, 24 = 4x, 26 = 8x;
+# odd numbers are the half steps) and resized back to its size, under a seeded dihedral transform.
+# The footprint stays the same; the detail goes. This is what lets a model trained on 0.3 m tiles
+# recognise the same scene in 2.4 m imagery.
+SCALE_VIEW_BASE = 20
+
+
+def scale_factor(view: int) -> float:
+    return float(2.0 ** ((int(view) - SCALE_VIEW_BASE) / 2.0))
+
+
+def coarsen(img: np.ndarray, factor: float) -> np.ndarray:
+    """``img`` resampled to ``factor`` times coarser pixels and back to its own size."""
+    from PIL import Image
+
+    if factor <= 1.0:
+        return np.ascontiguousarray(img)
+    h, w = img.shape[:2]
+    small = Image.fromarray(img).resize((max(1, round(w / factor)), max(1, round(h / factor))), Image.BOX)
+    return np.asarray(small.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+
 def make_view(img: np.ndarray, view: int, image_path: str = "") -> np.ndarray:
-    """View 0..7: a dihedral transform (label-preserving for nadir imagery); 8+: ``augment``."""
+    """View 0..7: a dihedral transform (label-preserving for nadir imagery); 8..19: ``augment``;
+    20+: a coarser ground resolution (``coarsen``)."""
     view = int(view)
     if view < 0:
         raise ValueError(f"view numbers are >= 0, got {view}")
-    return dihedral(img, view) if view < 8 else augment(img, view, image_path)
+    if view < 8:
+        return dihedral(img, view)
+    if view < SCALE_VIEW_BASE:
+        return augment(img, view, image_path)
+    k = int(_view_rng(view, image_path).integers(8))
+    return coarsen(dihedral(img, k), scale_factor(view))
 
 
 def read_rgb(path: str) -> np.ndarray:

@@ -41,11 +41,13 @@ def prefix_retrieval_loss(mapping, head, emb: torch.Tensor, temperature: float =
 
 def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list[int]]], pad_id: int,
                   cfg: dict, rng: np.random.Generator, log=None, start_epoch: int = 0, on_epoch_end=None,
-                  val_fn=None, loss_fn=None) -> list[dict]:
+                  val_fn=None, loss_fn=None, order_fn=None) -> list[dict]:
     """``emb`` is ``[N, V, D]`` (views of each image); every sample is one view + one random caption.
 
     ``loss_fn(emb, ids, mask)`` defaults to :func:`prefix_caption_loss`; the runner passes
     ``Captioner.caption_loss`` so training and decoding share one definition of the prefix layout.
+    ``order_fn(rng)`` replaces the plain permutation of the ``N * V`` samples (weighted sets; its
+    length must not change between epochs).
     """
     if loss_fn is None:
         def loss_fn(e, ids, mask):
@@ -55,7 +57,8 @@ def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list
     n, v = emb.shape[:2]
     bs = int(cfg.get("batch_size", 64))
     epochs = int(cfg.get("epochs", 10))
-    steps_per_epoch = max(1, (n * v) // bs)
+    n_items = len(order_fn(np.random.default_rng(0))) if order_fn is not None else n * v
+    steps_per_epoch = max(1, n_items // bs)
     total = epochs * steps_per_epoch
     lm_lr = float(cfg.get("lm_lr", 1e-4))
     groups = [{"params": list(mapping.parameters()), "lr": float(cfg.get("lr", 1e-3))}]
@@ -80,7 +83,7 @@ def train_mapping(mapping, lm, emb: torch.Tensor, seqs_per_image: list[list[list
         t0 = time.time()
         mapping.train()
         lm.train() if lm_lr > 0 else lm.eval()
-        order = rng.permutation(n * v)
+        order = order_fn(rng) if order_fn is not None else rng.permutation(n * v)
         tot = rtot = 0.0
         bar = progress_bar(range(steps_per_epoch), desc=f"mapping {epoch + 1}/{epochs}", leave=False)
         for s in bar:

@@ -209,76 +209,9 @@ def _device(run: Run):
     return pick_device(run.cfg.get("device"))
 
 
-def _trunk_dir(run: Run, split: str, enc) -> Path:
-    """Caches are keyed by content (images, split point, preprocessing; one file per view inside)
-    so runs share them."""
-    import hashlib
-
-    e = run.cfg.get("encoder", {})
-    key = json.dumps({"data": run.cfg["data"], "split": split,
-                      "cut": int(e.get("cache_split", 5)), "pp": enc.preprocess,
-                      "timm": e.get("timm_name", "efficientnet_lite0"), "w": e.get("image_weights", "package")},
-                     sort_keys=True, default=str)
-    return run.cache_dir / f"trunk_{split}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-
-
 def _views(run: Run):
     e = run.cfg.get("encoder", {})
     return list(e.get("train_views", [0, 1, 4, 6])), [0]
-
-
-def _cut_points(run: Run) -> tuple[int, int]:
-    e = run.cfg.get("encoder", {})
-    cache = int(e.get("cache_split", 5))
-    return cache, max(cache, int(e.get("finetune_from", cache)))
-
-
-def _advance(path: Path, enc, cache: int, to: int, views) -> np.ndarray:
-    """``[n, n_views, C, H, W]`` activations at ``blocks[to]``: the cache at ``blocks[cache]`` run
-    through the frozen pretrained blocks in between, stored next to the cache per view (so a
-    deeper cut costs one pass)."""
-    import torch
-
-    from .features import view_path
-
-    out = []
-    for v in views:
-        src = view_path(path, v)
-        if not src.exists():
-            raise TrainError(f"no cached activations for view {v} in {path}; run the features stage")
-        if to == cache:
-            out.append(np.load(src, mmap_mode="r"))
-            continue
-        dst = path / f"advanced_{to}_view_{int(v)}.npy"
-        if not dst.exists():
-            trunk = np.load(src, mmap_mode="r")
-            blocks = enc.image_tower.blocks[cache:to].eval()
-            with torch.no_grad():
-                parts = [blocks(torch.from_numpy(np.array(trunk[i:i + 128])).float()).half().numpy()
-                         for i in range(0, len(trunk), 128)]
-            tmp = path / f"advanced_{to}_view_{int(v)}.tmp.npy"
-            np.save(tmp, np.concatenate(parts))
-            os.replace(tmp, dst)
-        out.append(np.load(dst, mmap_mode="r"))
-    return np.stack(out, axis=1)
-
-
-def _load_trunks(run: Run, enc, train, val):
-    tv, vv = _views(run)
-    cache, to = _cut_points(run)
-    # the frozen blocks between the cache and the fine-tuned part must be the pretrained ones
-    pretrained = _encoder(run) if to > cache else enc
-    tr = _advance(_trunk_dir(run, "train", enc), pretrained, cache, to, tv)
-    va = _advance(_trunk_dir(run, "val", enc), pretrained, cache, to, vv)
-    if tr.shape[0] != len(train.records) or va.shape[0] != len(val.records):
-        raise TrainError("cached features do not match the dataset; rerun the features stage")
-    return np.ascontiguousarray(tr), np.ascontiguousarray(va)
-
-
-def _tower(run: Run, enc):
-    from .features import SplitTower
-
-    return SplitTower(enc.image_tower, _cut_points(run)[1])
 
 
 def _save_checkpoint(state: dict, path: Path) -> None:
@@ -288,23 +221,6 @@ def _save_checkpoint(state: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def _unique_captions(records):
-    """Deduplicated normalised sentences + per-image indices (see contrastive multi-positives)."""
-    from .datasets import normalize_caption
-
-    index: dict[str, int] = {}
-    per_image = []
-    for r in records:
-        ids = []
-        for c in r.captions:
-            t = normalize_caption(c)
-            if t not in index:
-                index[t] = len(index)
-            ids.append(index[t])
-        per_image.append(sorted(set(ids)))
-    return list(index), per_image
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,28 +284,30 @@ def stage_lm(run: Run, rng):
             "final_loss": hist[-1]["loss"] if hist else None, "seconds": hist[-1]["seconds"] if hist else 0}
 
 
-def stage_features(run: Run, rng):
-    import torch
+def _plan(run: Run):
+    from .plan import build_plan
 
-    from .features import cache_trunk
+    if getattr(run, "_plan_cache", None) is None:
+        run._plan_cache = build_plan(run.cfg, lambda p: resolve_path(p, run.cfg))
+    return run._plan_cache
+
+
+def _pretrained_for_cut(run: Run, enc):
+    """The frozen blocks between the cache cut and the fine-tuned part must be the pretrained ones."""
+    from .lit_stages import _cut_points
+
+    cache, to = _cut_points(run.cfg)
+    return _encoder(run) if to > cache else enc
+
+
+def stage_features(run: Run, rng):
+    from .lit_stages import stage_features as lit_features
 
     if _encoder_kind(run) == "clip":
         info = {"skipped": "encoder.kind clip reads images at every step (nothing to cache)"}
         run.log({"stage": "features", **info})
         return info
-
-    enc = _encoder(run)
-    _, train, val = _data(run)
-    tv, vv = _views(run)
-    cut = int(run.cfg.get("encoder", {}).get("cache_split", 5))
-    bs = int(run.cfg.get("encoder", {}).get("cache_batch_size", 32))
-    info = {}
-    for split, recs, views in (("val", val.records, vv), ("train", train.records, tv)):
-        with torch.no_grad():
-            r = cache_trunk(enc, recs, views, cut, _trunk_dir(run, split, enc), bs)
-        info[split] = r
-        run.log({"stage": "features", "split": split, "images": len(recs), "views": len(views), **r})
-    return info
+    return lit_features(run, _plan(run), _encoder(run))
 
 
 def _prompt_texts(run: Run, ds):
@@ -404,61 +322,15 @@ def _prompt_texts(run: Run, ds):
 
 
 def stage_contrastive(run: Run, rng):
-    import torch
-
-    from .contrastive import HeadTrainer, text_features, train_head
+    from .lit_stages import stage_contrastive as lit_contrastive
+    from .plan import prompts
 
     if _encoder_kind(run) == "clip":
         return stage_clip_contrastive(run, rng)
-    ds, train, val = _data(run)
+    plan = _plan(run)
     enc = _encoder(run)
-    tower = _tower(run, enc)
-    tr, va = _load_trunks(run, enc, train, val)
-    cdir = run.dir / "contrastive"
-    cdir.mkdir(exist_ok=True)
-    feats_path = cdir / "text_features.pt"
-    texts, cap_ids = _unique_captions(train.records)
-    prompts = _prompt_texts(run, ds)
-    if feats_path.exists():
-        tf = torch.load(feats_path)
-    else:
-        t0 = time.time()
-        tf = {"captions": text_features(enc, texts), "prompts": text_features(enc, prompts)}
-        torch.save(tf, feats_path)
-        run.log({"stage": "contrastive", "text_features": len(texts), "seconds": round(time.time() - t0, 1)})
-    cfg = run.cfg.get("contrastive", {})
-    trainer = HeadTrainer(enc, tower, len(prompts), tf["prompts"], cfg)
-    start = 0
-    ck = cdir / "last.pt"
-    if ck.exists():
-        st = torch.load(ck, weights_only=False)
-        enc.load_trainable(st["live"] if st.get("live") is not None else st["encoder"])
-        trainer.opt.load_state_dict(st["opt"])
-        if trainer.ema is not None and st.get("live") is not None:
-            # "encoder" holds the averaged weights: restore them as the running average
-            trainer.swap_ema()
-            enc.load_trainable(st["encoder"])
-            trainer.swap_ema()
-        rng.bit_generator.state = st["rng"]
-        start = st["epoch"]
-
-    def save(epoch):
-        # called while the averaged weights are swapped in: "encoder" is what gets exported
-        live = None
-        if trainer.ema is not None:
-            trainer.swap_ema()
-            live = enc.trainable_state()
-            live = {k: v.clone() for k, v in live.items()}
-            trainer.swap_ema()
-        _save_checkpoint({"encoder": enc.trainable_state(), "live": live, "opt": trainer.opt.state_dict(),
-                          "epoch": epoch, "rng": rng.bit_generator.state}, ck)
-
-    labels = np.array([r.label for r in train.records])
-    val_labels = np.array([r.label for r in val.records])
-    hist = train_head(trainer, tr, labels, cap_ids, tf["captions"], cfg, rng, log=run.log,
-                      val=(va, val_labels), start_epoch=start, on_epoch_end=save)
-    acc = hist[-1]["val_accuracy"] if hist else None
-    return {"epochs": int(cfg.get("epochs", 8)), "val_accuracy": acc}
+    return lit_contrastive(run, plan, enc, _pretrained_for_cut(run, enc), prompts(run.cfg, plan), rng,
+                           _save_checkpoint)
 
 
 def stage_clip_contrastive(run: Run, rng):
@@ -466,6 +338,7 @@ def stage_clip_contrastive(run: Run, rng):
     import torch
 
     from .clip_trainer import ClipTrainer, read_views, train_clip
+    from .lit_stages import unique_captions
 
     ds, train, val = _data(run)
     enc = _clip_encoder(run)
@@ -486,7 +359,7 @@ def stage_clip_contrastive(run: Run, rng):
         _save_checkpoint({"encoder": trainer.trained_state(), "live": None, "opt": trainer.opt.state_dict(),
                           "epoch": epoch, "rng": rng.bit_generator.state}, ck)
 
-    texts, cap_ids = _unique_captions(train.records)
+    texts, cap_ids = unique_captions(train.records)
     run.log({"stage": "contrastive", "kind": "clip", "device": str(trainer.device), "trained_tensors": len(trainer.names),
              "trained_params": sum(p.numel() for p in trainer.params)})
     val_images = read_views(val.records, [0] * len(val.records))
@@ -512,24 +385,14 @@ def _trained_encoder(run: Run):
 
 
 def stage_embed(run: Run, rng):
-    import torch
+    from .lit_stages import stage_embed as lit_embed
 
-    from .contrastive import HeadTrainer
-
-    _, train, val = _data(run)
     enc = _trained_encoder(run)
     if _encoder_kind(run) == "clip":
+        _, train, val = _data(run)
         return _embed_clip(run, enc, train, val)
-    tower = _tower(run, enc)
-    tr, va = _load_trunks(run, enc, train, val)
-    tf = torch.load(run.dir / "contrastive" / "text_features.pt")
-    trainer = HeadTrainer(enc, tower, 0, tf["prompts"], run.cfg.get("contrastive", {}))
-    t0 = time.time()
-    emb = {"train": trainer.embed_all(tr), "val": trainer.embed_all(va)}
-    torch.save(emb, run.dir / "embeddings.pt")
-    info = {"train": list(emb["train"].shape), "val": list(emb["val"].shape), "seconds": round(time.time() - t0, 1)}
-    run.log({"stage": "embed", **info})
-    return info
+    plan = _plan(run)
+    return lit_embed(run, plan, enc, _pretrained_for_cut(run, enc), [])
 
 
 def _embed_clip(run: Run, enc, train, val):
@@ -575,8 +438,11 @@ def _card(run: Run) -> dict:
     card = dict(run.cfg.get("export", {}).get("card", {}))
     card.setdefault("tile_size", int(run.cfg.get("encoder", {}).get("image_size", 256)))
     card.setdefault("training_config", run.cfg.get("name", Path(run.cfg.get("_config_path", "run")).stem))
-    ds = run.cfg["data"]
-    card.setdefault("trained_on", Path(str(ds["captions"])).parent.name)
+    plan = _plan(run)
+    card.setdefault("trained_on", ", ".join(s.spec.name for s in plan.sets))
+    if len(plan.vocab):
+        card.setdefault("classes", list(plan.vocab.phrases))
+    card.setdefault("training_sets", plan.footprints())
     return card
 
 
@@ -591,22 +457,40 @@ def _quick_val(cap, val_emb, val_records, beam: int = 1) -> dict:
     return {"val_CIDEr": round(s["CIDEr-D"], 3), "val_BLEU-4": round(s["BLEU-4"], 3)}
 
 
+def _sample_embeddings(emb: dict):
+    """Train embeddings as ``[n_samples, 1, D]`` in the plan's order: the LiT stages write that
+    layout; the CLIP stage writes ``[N, V, D]``, which is the same samples view by view."""
+    tr = emb["train"]
+    if emb.get("layout") != "samples" and tr.shape[1] > 1:
+        tr = tr.permute(1, 0, 2).reshape(-1, 1, tr.shape[-1])
+    return tr
+
+
+def _val_captioned(plan):
+    """Indices of val images with real captions (class-only sets have written captions only)."""
+    return [i for i, si in enumerate(plan.val.record_set) if plan.sets[int(si)].has_captions]
+
+
 def stage_mapping(run: Run, rng):
     import torch
 
     from .datasets import normalize_caption
     from .mapping_stage import train_mapping
 
-    _, train, val = _data(run)
+    plan = _plan(run)
     cap = _captioner(run)
     emb = torch.load(run.dir / "embeddings.pt")
+    train_emb = _sample_embeddings(emb)
+    if train_emb.shape[0] != len(plan.train):
+        raise TrainError("embeddings do not match the training data; rerun the embed stage")
     mdir = run.dir / "mapping"
     mdir.mkdir(exist_ok=True)
     cfg = run.cfg.get("mapping", {})
-    seqs = []
-    for r in train.records:
+    per_image = []
+    for r in plan.train.records:
         ids, mask = cap.tokenize_captions([normalize_caption(c) for c in r.captions])
-        seqs.append([row[: int(m.sum())].tolist() for row, m in zip(ids, mask)])
+        per_image.append([row[: int(m.sum())].tolist() for row, m in zip(ids, mask)])
+    seqs = [per_image[i] for i in plan.train.sample_record]
     start = 0
     ck = mdir / "last.pt"
     if ck.exists():
@@ -623,16 +507,17 @@ def stage_mapping(run: Run, rng):
     every = int(cfg.get("val_every", 0))
     epochs = int(cfg.get("epochs", 10))
     counter = {"e": start}
+    val_idx = _val_captioned(plan)
 
     def val_fn():
         counter["e"] += 1
-        if every and (counter["e"] % every == 0 or counter["e"] == epochs):
-            return _quick_val(cap, emb["val"][:, 0], val.records)
+        if val_idx and every and (counter["e"] % every == 0 or counter["e"] == epochs):
+            return _quick_val(cap, emb["val"][val_idx, 0], [plan.val.records[i] for i in val_idx])
         return {}
 
-    hist = train_mapping(cap.mapping, cap.lm, emb["train"], seqs, cap.tokenizer.pad_token_id, cfg, rng,
+    hist = train_mapping(cap.mapping, cap.lm, train_emb, seqs, cap.tokenizer.pad_token_id, cfg, rng,
                          log=run.log, start_epoch=start, on_epoch_end=save, val_fn=val_fn,
-                         loss_fn=cap.caption_loss)
+                         loss_fn=cap.caption_loss, order_fn=plan.epoch_order)
     return {"epochs": epochs, "final_loss": hist[-1]["loss"] if hist else None,
             **({k: v for k, v in hist[-1].items() if k.startswith("val_")} if hist else {})}
 
