@@ -35,7 +35,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .model_card import card_summary, card_tile_size
+from .footprint import tile_choice
+from .model_card import card_summary, card_tile_size, read_card
 from .paths import torch_importable
 from .raster_source import RasterSourceError, can_export, check_raster, export_to_geotiff, extent_in_layer_crs
 from .runner import CaptionJob
@@ -132,6 +133,9 @@ class CaptionDialog(QDialog):
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(16, 8192)
         self.tile_spin.setSuffix(" px")
+        self.auto_tile_check = QCheckBox("Auto (from ground resolution)")
+        self.auto_tile_check.setToolTip("keep the ground footprint the model was trained on")
+        self.auto_tile_check.setChecked(not self.settings.tile_size)
         self.overlap_spin = QSpinBox()
         self.overlap_spin.setRange(0, 4096)
         self.overlap_spin.setSuffix(" px")
@@ -139,9 +143,15 @@ class CaptionDialog(QDialog):
         row = QHBoxLayout()
         row.addWidget(QLabel("size"))
         row.addWidget(self.tile_spin)
+        row.addWidget(self.auto_tile_check)
         row.addWidget(QLabel("overlap"))
         row.addWidget(self.overlap_spin)
         form.addRow("Tiles", _wrap(row))
+        self.footprint_label = QLabel("")
+        self.footprint_label.setWordWrap(True)
+        form.addRow("", self.footprint_label)
+        self.auto_tile_check.toggled.connect(lambda _on: self._update_footprint())
+        self.tile_spin.valueChanged.connect(lambda _v: self._update_footprint())
         self.bands_edit = QLineEdit()
         self.bands_edit.setPlaceholderText("auto (RGB, or grey repeated); e.g. 4,3,2")
         form.addRow("Bands", self.bands_edit)
@@ -205,6 +215,7 @@ class CaptionDialog(QDialog):
 
     # -- reactions -----------------------------------------------------------------------------
     def _layer_changed(self, layer) -> None:
+        self._update_footprint()
         if layer is None:
             self.source_note.setText("")
             return
@@ -218,6 +229,24 @@ class CaptionDialog(QDialog):
         fallback = self.settings.tile_size or 256
         self.tile_spin.setValue(self.settings.tile_size or card_tile_size(name, fallback))
         self.card_label.setText(card_summary(name))
+        self._update_footprint()
+
+    def _update_footprint(self) -> None:
+        """Show what the run will use; in auto mode the spin box mirrors the chosen size."""
+        auto = self.auto_tile_check.isChecked()
+        self.tile_spin.setEnabled(not auto)
+        layer = self.layer_combo.currentLayer()
+        card = read_card(self.model_combo.currentText())
+        choice = tile_choice(layer, card, None if auto else self.tile_spin.value())
+        if auto and self.tile_spin.value() != choice.tile_px:
+            self.tile_spin.blockSignals(True)
+            self.tile_spin.setValue(choice.tile_px)
+            self.tile_spin.blockSignals(False)
+        if layer is None:
+            self.footprint_label.setText("")
+            return
+        text = choice.describe()
+        self.footprint_label.setText(text[len("tiles: "):] if text.startswith("tiles: ") else text)
 
     def _browse_model(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "rscaption checkpoint directory")
@@ -276,7 +305,8 @@ class CaptionDialog(QDialog):
             raise ValueError("overlap must be smaller than the tile size")
         job = CaptionJob(
             raster=raster, out=out, model=self.model_combo.currentText().strip() or "default",
-            tile_size=self.tile_spin.value(), overlap=overlap, bands=parse_bands(self.bands_edit.text()),
+            tile_size=None if self.auto_tile_check.isChecked() else self.tile_spin.value(), overlap=overlap,
+            bands=parse_bands(self.bands_edit.text()),
             extent=extent, batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
             resume=self.resume_check.isChecked(),
         )

@@ -51,6 +51,12 @@ def card_summary(name: str | None) -> str:
         bits.append(f"trained on {card['tile_size']} px tiles")
     if card.get("ground_resolution_m"):
         bits.append(f"at ~{card['ground_resolution_m']} m/px")
+    anchors = card.get("tile_size_by_resolution")
+    if isinstance(anchors, list) and anchors:
+        try:
+            bits.append("auto tiles: " + ", ".join(f"{float(r):g} m/px -> {int(p)} px" for r, p in anchors))
+        except (TypeError, ValueError):
+            pass
     if card.get("description"):
         bits.append(str(card["description"])[:120])
     return "; ".join(bits) or "model card has no tiling hints"

@@ -72,7 +72,10 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
         return ("Splits a raster into tiles, captions each tile with an image-captioning model and writes "
                 "a GeoPackage (layer 'tiles' with caption, confidence, row, col, model, time; plus the tile "
                 "embeddings for text search). Finished tiles are kept if the run is cancelled; running "
-                "again with the same output resumes.")
+                "again with the same output resumes. Tile size 0 means auto: the tile size is chosen from the "
+                "raster's ground resolution (metres per pixel, measured at the raster centre for geographic "
+                "CRSs) so tiles cover the ground footprint the model was trained on; a raster without a CRS "
+                "gets the model's pixel tile size.")
 
     def icon(self):
         return QIcon(icon_path("caption.svg"))
@@ -85,7 +88,7 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (default: whole raster)", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.TILE_SIZE, "Tile size in pixels (0: the model's)", QgsProcessingParameterNumber.Type.Integer,
+            self.TILE_SIZE, "Tile size in pixels (0: auto, from the ground resolution)", QgsProcessingParameterNumber.Type.Integer,
             defaultValue=s.tile_size, minValue=0))
         self.addParameter(QgsProcessingParameterNumber(
             self.OVERLAP, "Overlap in pixels", QgsProcessingParameterNumber.Type.Integer, defaultValue=s.overlap,

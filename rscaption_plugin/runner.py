@@ -26,7 +26,7 @@ class CaptionJob:
     raster: str
     out: str
     model: str = "default"
-    tile_size: int | None = None  # None: the model card's tile size
+    tile_size: int | None = None  # None: auto, from the raster's ground resolution and the model card
     overlap: int = 0
     bands: list[int] | None = None
     extent: list[float] | None = None  # [xmin, ymin, xmax, ymax] in the raster's CRS
@@ -93,7 +93,7 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
     ensure_backend_on_path()
     import torch  # noqa: F401  (here, on the task thread; never at plugin load)
     from rscaption.errors import RscaptionError
-    from rscaption.pipeline import caption_raster
+    from rscaption.pipeline import caption_raster, tile_choice_for
     from rscaption.tiling import TilingParams
 
     fields = job.request_fields()
@@ -102,8 +102,11 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
         if cb.on_backend:
             cb.on_backend({"mode": "inprocess", "device": str(model.device), "torch": torch.__version__})
         tiling_kwargs = {k: fields[k] for k in ("overlap", "bands", "extent") if fields.get(k) is not None}
-        tiling_kwargs["tile_size"] = fields["tile_size"] or int((model.card or {}).get("tile_size") or 256)
+        choice = tile_choice_for(model, job.raster, fields["tile_size"])
+        tiling_kwargs["tile_size"] = choice.tile_px
         tiling = TilingParams(**tiling_kwargs)
+        if cb.on_log:
+            cb.on_log(choice.describe())
 
         def on_progress(done, total, records):
             if records and cb.on_tiles:
@@ -114,7 +117,7 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
         summary = caption_raster(
             job.raster, job.out, model=model, tiling=tiling, batch_size=job.batch_size,
             device=fields["device"], beam_size=job.beam_size, on_progress=on_progress,
-            should_cancel=cb.should_cancel, resume=job.resume, overwrite=job.overwrite,
+            should_cancel=cb.should_cancel, resume=job.resume, overwrite=job.overwrite, tile_choice=choice,
         )
     except RscaptionError as exc:
         raise RunError(str(exc)) from None

@@ -21,7 +21,7 @@ class PluginSettings:
     backend_python: str = ""  # empty: project .venv or the "Set up backend" env
     default_model: str = "default"
     device: str = "auto"
-    tile_size: int = 0  # 0: take it from the model card
+    tile_size: int = 0  # 0: auto, from the ground resolution and the model card
     overlap: int = 0
     batch_size: int = 8
 

@@ -54,7 +54,7 @@ class SettingsDialog(QDialog):
         form.addRow("Device", self.device_combo)
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(0, 8192)
-        self.tile_spin.setSpecialValueText("from the model card")
+        self.tile_spin.setSpecialValueText("auto (from ground resolution)")
         self.tile_spin.setValue(self.settings.tile_size)
         form.addRow("Tile size", self.tile_spin)
         self.overlap_spin = QSpinBox()

@@ -265,6 +265,7 @@ def test_caption_dialog_builds_request(qgis_iface, qgis_new_project, geotiff, ti
     assert dlg.layer_combo.currentLayer() is raster
     dlg.model_combo.setCurrentText(tiny)
     assert dlg.tile_spin.value() == 256  # from the tiny model's card
+    dlg.auto_tile_check.setChecked(False)
     dlg.tile_spin.setValue(64)
     dlg.bands_edit.setText("3,2,1")
     req = dlg.build_request()

@@ -55,6 +55,7 @@ SHOT = textwrap.dedent(r"""
     dlg = CaptionDialog(iface)
     dlg.model_combo.setCurrentText(CFG["model"])
     if CFG["tile_size"]:
+        dlg.auto_tile_check.setChecked(False)
         dlg.tile_spin.setValue(CFG["tile_size"])
     dlg.bands_edit.setText("1,2,3")
     dlg.output_combo.setCurrentIndex(dlg.output_combo.findData("file"))

@@ -36,12 +36,18 @@ def _positive(text: str) -> int:
     return v
 
 
+def _tile_size(text: str):
+    return "auto" if text.strip().lower() == "auto" else _positive(text)
+
+
 def _add_caption(sub):
     p = sub.add_parser("caption", help="caption the tiles of a raster into a searchable GeoPackage")
     p.add_argument("raster")
     p.add_argument("-o", "--output", required=True, help="output GeoPackage (.gpkg)")
     p.add_argument("--model", default="default", help="'default', a checkpoint directory or a hub name")
-    p.add_argument("--tile-size", type=_positive, default=None, help="tile size in pixels (default: the model's)")
+    p.add_argument("--tile-size", type=_tile_size, default="auto",
+                   help="tile size in pixels, or 'auto' (default): the model's ground footprint at this "
+                        "raster's resolution")
     p.add_argument("--overlap", type=int, default=0, help="overlap between tiles in pixels")
     p.add_argument("--bands", type=_csv_ints, default=None, help="1-based bands, e.g. 1,2,3 (default: RGB)")
     p.add_argument("--extent", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"),
@@ -62,7 +68,7 @@ def _add_caption(sub):
 
 def cmd_caption(args) -> int:
     from .models.registry import load_model
-    from .pipeline import caption_raster
+    from .pipeline import caption_raster, tile_choice_for
     from .tiling import TilingParams
 
     if not os.path.exists(args.raster):
@@ -71,7 +77,8 @@ def cmd_caption(args) -> int:
         raise RscaptionError(f"the output must be a .gpkg file, got {args.output}")
     cap = load_model(args.model, device=args.device)
     card = cap.card or {}
-    tile_size = args.tile_size or int(card.get("tile_size") or 256)
+    choice = tile_choice_for(cap, args.raster, args.tile_size, args.resolution)
+    tile_size = choice.tile_px
     if not 0 <= args.overlap < tile_size:
         raise RscaptionError(f"--overlap must be between 0 and tile size - 1 ({tile_size - 1})")
     tiling = TilingParams(tile_size=tile_size, overlap=args.overlap, bands=args.bands,
@@ -80,10 +87,13 @@ def cmd_caption(args) -> int:
     beam = args.beam_size or int(card.get("beam_size") or 1)
 
     bar = None
+    announce = [choice.describe()]
 
     def progress(done, total, _records):
         # created on the first callback so an error before any tile leaves no empty bar behind
         nonlocal bar
+        while announce:  # the raster opened fine: say what the tiles are before the first one
+            print(announce.pop(), file=sys.stderr)
         if args.quiet:
             return
         if bar is None:
@@ -95,7 +105,7 @@ def cmd_caption(args) -> int:
     try:
         summary = caption_raster(args.raster, args.output, model=cap, tiling=tiling,
                                  batch_size=args.batch_size, beam_size=beam, on_progress=progress,
-                                 resume=not args.no_resume, overwrite=args.overwrite)
+                                 resume=not args.no_resume, overwrite=args.overwrite, tile_choice=choice)
     except KeyboardInterrupt:
         print(f"rscaption: cancelled; finished tiles are kept in {args.output} (run again to resume)",
               file=sys.stderr)

@@ -22,7 +22,9 @@ import numpy as np
 from . import __version__
 from .errors import Cancelled, StoreError
 from .gpkg import TileRecord, TileStore
+from .ground import ground_resolution
 from .tiling import RasterTiler, Tile, TilingParams
+from .tile_size import TileChoice, choose_tile_size
 
 ProgressFn = Callable[[int, int, list], None]
 CancelFn = Callable[[], bool]
@@ -86,10 +88,23 @@ def _resolve_model(model, device):
     return model
 
 
-def default_tiling_for(cap) -> TilingParams:
-    """The tile size the model was trained for, so a new user gets sensible tiles with no flags."""
+def tile_choice_for(cap, raster=None, requested: int | str | None = None,
+                    target_resolution: float | None = None) -> TileChoice:
+    """The tile size for ``raster`` (a path, or its output metres per pixel) and how it was chosen:
+    the CLI, the worker and the in-process plugin all call this so they agree and say the same."""
     card = getattr(cap, "card", {}) or {}
-    return TilingParams(tile_size=int(card.get("tile_size") or 256))
+    if isinstance(raster, (str, os.PathLike)):
+        ground = ground_resolution(raster, target_resolution)
+        m_per_px = ground.m_per_px if ground else None
+    else:
+        m_per_px = float(raster) if raster else None
+    return choose_tile_size(card, m_per_px, requested)
+
+
+def default_tiling_for(cap, raster=None) -> TilingParams:
+    """Tiles of the ground footprint the model was trained on (``--tile-size auto``), so a new user
+    gets sensible tiles with no flags; the model's pixel tile size when the raster has no CRS."""
+    return TilingParams(tile_size=tile_choice_for(cap, raster).tile_px)
 
 
 def _batches(tiler: RasterTiler, tiles: Sequence[Tile], batch_size: int,
@@ -123,18 +138,26 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                    batch_size: int = 8, device: str | None = None, beam_size: int = 1,
                    on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
                    resume: bool = True, overwrite: bool = False,
-                   max_new_tokens: int = 30) -> RunSummary:
-    """Caption every (non-nodata) tile of a raster into a searchable GeoPackage."""
+                   max_new_tokens: int = 30, tile_choice: TileChoice | None = None) -> RunSummary:
+    """Caption every (non-nodata) tile of a raster into a searchable GeoPackage.
+
+    ``tiling=None`` picks the tile size from the raster's ground resolution (auto); ``tile_choice``
+    only tells the metadata how a caller chose ``tiling.tile_size`` (see :func:`tile_choice_for`)."""
     t0 = time.perf_counter()
     cap = _resolve_model(model, device)
-    tiling = tiling or default_tiling_for(cap)
+    if tiling is None:
+        tile_choice = tile_choice_for(cap, raster_path)
+        tiling = TilingParams(tile_size=tile_choice.tile_px)
+    elif tile_choice is None or tile_choice.tile_px != tiling.tile_size:
+        tile_choice = tile_choice_for(cap, raster_path, tiling.tile_size, tiling.target_resolution)
     fp = raster_fingerprint(raster_path)
     model_hash = cap.model_hash
     model_id = cap.model_id
 
     with RasterTiler(raster_path, tiling) as tiler:
         tiles = tiler.plan()
-        store = _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name=str(cap.device))
+        store = _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name=str(cap.device),
+                            tile_choice=tile_choice)
         try:
             done = store.done_keys()
             keys = {t.tile_id: tile_key(fp["checksum"], t, tiling.tile_size, model_hash) for t in tiles}
@@ -185,12 +208,13 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name) -> TileStore:
+def _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name, tile_choice=None) -> TileStore:
     meta = {
         "source_raster": fp,
         "model": {"id": cap.model_id, "hash": cap.model_hash, "card": cap.card},
         "tiling": tiler.describe(),
         "tiling_params": tiling.to_dict(),
+        "tile_footprint": tile_choice.to_dict() if tile_choice else None,
         "software": {"name": "rscaption", "version": __version__},
         "started": _now(),
         "device": device_name,
@@ -218,4 +242,5 @@ def _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name
     return TileStore.create(out_gpkg, tiler.crs_wkt, tiler.epsg, embed_dim=_embed_dim(cap), metadata=meta)
 
 
-__all__ = ["caption_raster", "RunSummary", "raster_fingerprint", "tile_key", "default_tiling_for", "Cancelled"]
+__all__ = ["caption_raster", "RunSummary", "raster_fingerprint", "tile_key", "default_tiling_for", "tile_choice_for",
+           "Cancelled"]

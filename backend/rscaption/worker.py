@@ -184,7 +184,7 @@ class Worker:
 
     # -- commands -------------------------------------------------------------------------------
     def _do_caption(self, req: dict) -> dict:
-        from .pipeline import caption_raster
+        from .pipeline import caption_raster, tile_choice_for
         from .tiling import TilingParams
 
         device = req.get("device") or self.requested_device
@@ -193,13 +193,15 @@ class Worker:
         for key in ("tile_size", "overlap", "bands", "target_resolution"):
             if req.get(key) is not None:
                 tiling_kwargs[key] = req[key]
-        if not tiling_kwargs.get("tile_size"):
-            # No size asked for: the one the model was trained for, like the CLI does.
-            tiling_kwargs["tile_size"] = int((getattr(model, "card", None) or {}).get("tile_size") or 256)
+        # No size asked for (None or 0): auto from the ground resolution, like the CLI does.
+        choice = tile_choice_for(model, req["raster"], tiling_kwargs.get("tile_size"),
+                                 tiling_kwargs.get("target_resolution"))
+        tiling_kwargs["tile_size"] = choice.tile_px
         if req.get("extent") is not None:
             tiling_kwargs["extent"] = tuple(float(v) for v in req["extent"])
         tiling = TilingParams(**tiling_kwargs)
         self.out.send("log", message=f"model {getattr(model, 'model_id', req.get('model'))} loaded")
+        self.out.send("log", message=choice.describe())
 
         def on_progress(done, total, records):
             ids = [_plain(getattr(r, "tile_id", r)) for r in (records or [])]
@@ -219,6 +221,7 @@ class Worker:
             should_cancel=self.cancel_event.is_set,
             resume=True if req.get("resume") is None else bool(req["resume"]),
             overwrite=bool(req.get("overwrite")),
+            tile_choice=choice,
         )
         return _summary_dict(summary)
 
