@@ -58,6 +58,7 @@ def _add_caption(sub):
                    help="skip tiles with at least this fraction of nodata (default 0.95)")
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--beam-size", type=_positive, default=None, help="beam width (default: the model's)")
+    p.add_argument("--language", default="en", help="caption language: en or another the model has, e.g. zh")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -105,7 +106,7 @@ def cmd_caption(args) -> int:
     try:
         summary = caption_raster(args.raster, args.output, model=cap, tiling=tiling,
                                  batch_size=args.batch_size, beam_size=beam, on_progress=progress,
-                                 resume=not args.no_resume, overwrite=args.overwrite, tile_choice=choice)
+                                 resume=not args.no_resume, overwrite=args.overwrite, language=args.language, tile_choice=choice)
     except KeyboardInterrupt:
         print(f"rscaption: cancelled; finished tiles are kept in {args.output} (run again to resume)",
               file=sys.stderr)

@@ -137,7 +137,7 @@ def _batches(tiler: RasterTiler, tiles: Sequence[Tile], batch_size: int,
 def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: TilingParams | None = None,
                    batch_size: int = 8, device: str | None = None, beam_size: int = 1,
                    on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
-                   resume: bool = True, overwrite: bool = False,
+                   resume: bool = True, overwrite: bool = False, language: str = "en",
                    max_new_tokens: int = 30, tile_choice: TileChoice | None = None) -> RunSummary:
     """Caption every (non-nodata) tile of a raster into a searchable GeoPackage.
 
@@ -145,6 +145,7 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
     only tells the metadata how a caller chose ``tiling.tile_size`` (see :func:`tile_choice_for`)."""
     t0 = time.perf_counter()
     cap = _resolve_model(model, device)
+    cap.decoder(language)  # an unknown language fails before any output is written
     if tiling is None:
         tile_choice = tile_choice_for(cap, raster_path)
         tiling = TilingParams(tile_size=tile_choice.tile_px)
@@ -159,6 +160,7 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
         store = _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name=str(cap.device),
                             tile_choice=tile_choice)
         try:
+            _claim_language(store, language)
             done = store.done_keys()
             keys = {t.tile_id: tile_key(fp["checksum"], t, tiling.tile_size, model_hash) for t in tiles}
             todo = [t for t in tiles if keys[t.tile_id] not in done]
@@ -176,7 +178,7 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                 records = []
                 if batch:
                     emb = cap.embed_images([a for _, a, _ in batch])
-                    caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens)
+                    caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language)
                     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                     for (t, _, vf), e, (text, conf) in zip(batch, emb, caps):
                         records.append(TileRecord(
@@ -197,6 +199,15 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
         finally:
             store.close()
     return summary
+
+
+def _claim_language(store, language: str) -> None:
+    """One file holds captions in one language: resuming it in another would mix them."""
+    old = store.metadata().get("language") or ("en" if store.done_keys() else None)
+    if old is not None and old != language:
+        raise StoreError(f"{store.path} has captions in '{old}', not '{language}'; "
+                         "choose another output or pass --overwrite")
+    store.set_metadata({"language": language})
 
 
 def _embed_dim(cap) -> int:

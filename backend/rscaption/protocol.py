@@ -58,7 +58,7 @@ _OPTIONAL_REQUEST = {
     "caption": {
         "model": (str,), "tile_size": (int,), "overlap": (int,), "bands": (list,),
         "extent": (list,), "batch_size": (int,), "device": (str,), "beam_size": (int,),
-        "resume": (bool,), "overwrite": (bool,), "target_resolution": _NUM,
+        "resume": (bool,), "overwrite": (bool,), "target_resolution": _NUM, "language": (str,),
     },
     "search": {"k": (int,), "model": (str,), "device": (str,)},
     "info": {"model": (str,), "device": (str,)},

@@ -221,6 +221,7 @@ class Worker:
             should_cancel=self.cancel_event.is_set,
             resume=True if req.get("resume") is None else bool(req["resume"]),
             overwrite=bool(req.get("overwrite")),
+            language=req.get("language") or "en",
             tile_choice=choice,
         )
         return _summary_dict(summary)

@@ -8,7 +8,12 @@ text_tower/            lit text tower + tokenizer when not taken from the instal
 mapping.safetensors    the prefix mapper
 lm/                    the causal LM (transformers save_pretrained, safetensors)
 tokenizer/             the caption tokenizer (transformers save_pretrained)
+decoders/<lang>/       optional decoders for more caption languages: mapping.safetensors, lm/, tokenizer/
 ```
+
+A checkpoint with extra decoders lists them in config.json as ``"decoders": {"zh": {"path":
+"decoders/zh", "mapping": {...}, "lm": {...}, "tokenizer": {...}}}`` (paths inside an entry are
+relative to its own folder); checkpoints without the key are English-only, as before.
 
 Only safetensors and JSON/text files: opening a checkpoint never unpickles anything. Weights may
 be stored as fp16 (`storage_dtype`) to keep the shipped default small; they are read back as fp32.
@@ -32,6 +37,7 @@ import torch
 
 from ..errors import ModelError
 from .captioner import Captioner
+from .decoder import Decoder
 from .encoders import build_encoder, save_hf_model
 from .mapping import build_mapping
 from .weights import load_into, load_state, quiet_loading, save_state, storage_dtype
@@ -89,7 +95,39 @@ def _write_files(cap: Captioner, out: Path) -> None:
     if cap.tokenizer is not None:
         cap.tokenizer.save_pretrained(str(out / "tokenizer"))
         config["tokenizer"] = {"path": "tokenizer"}
+    if len(cap.extra_decoders):  # no key at all for English-only models: their hashes stay as they were
+        config["decoders"] = {lang: {"path": f"decoders/{lang}", **write_decoder(dec, out / "decoders" / lang, dtype)}
+                              for lang, dec in cap.extra_decoders.items()}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_decoder(dec: Decoder, out: Path, dtype: torch.dtype) -> dict:
+    """A decoder's files in ``out``; returns its config entry (paths relative to ``out``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_state(dec.mapping.state_dict(), out / "mapping.safetensors", dtype)
+    save_hf_model(dec.lm, out / "lm", dtype)
+    dec.tokenizer.save_pretrained(str(out / "tokenizer"))
+    return {"mapping": {**dec.mapping.config(), "weights": "mapping.safetensors"},
+            "lm": {"path": "lm", "model_type": dec.lm.config.model_type}, "tokenizer": {"path": "tokenizer"}}
+
+
+def load_decoder(entry: dict, directory: Path) -> Decoder:
+    """The inverse of `write_decoder`: ``entry`` is its config, ``directory`` its folder."""
+    with quiet_loading():
+        mcfg = {k: v for k, v in entry["mapping"].items() if k != "weights"}
+        mapping = build_mapping(mcfg)
+        load_into(mapping, load_state(directory / entry["mapping"].get("weights", "mapping.safetensors")), "mapping")
+        return Decoder(mapping.eval(), _load_lm(entry["lm"], directory), _load_tokenizer(entry["tokenizer"], directory))
+
+
+def _load_decoders(config: dict, directory: Path) -> dict:
+    out = {}
+    for lang, entry in (config.get("decoders") or {}).items():
+        sub = (directory / str(entry.get("path", ""))).resolve()
+        if directory not in sub.parents:
+            raise ModelError(f"checkpoint decoder '{lang}' points outside the checkpoint: {entry.get('path')}")
+        out[lang] = load_decoder(entry, sub)
+    return out
 
 
 def save_checkpoint(cap: Captioner, directory) -> Path:
@@ -186,6 +224,7 @@ def _load_checkpoint(directory, device=None, dtype=None) -> Captioner:
             lm = _load_lm(config["lm"], directory)
         if config.get("tokenizer"):
             tokenizer = _load_tokenizer(config["tokenizer"], directory)
+        decoders = _load_decoders(config, directory)
     except ModelError:
         raise
     except KeyError as exc:
@@ -194,6 +233,8 @@ def _load_checkpoint(directory, device=None, dtype=None) -> Captioner:
         raise load_error(exc, str(directory), "checkpoint") from None
     cap = Captioner(encoder, mapping, lm, tokenizer, card=config.get("card"), model_id=str(directory),
                     storage_dtype=config.get("storage_dtype", "float32"))
+    for lang, dec in decoders.items():
+        cap.add_decoder(lang, dec)
     cap._hash = hash_dir(directory)
     cap.source_dir = directory
     return cap.to_device(device, dtype)
