@@ -57,7 +57,8 @@ class SearchDock(QgsDockWidget):
         self.query_edit.setPlaceholderText("e.g. a river next to green farmland")
         self.query_edit.returnPressed.connect(self.search)
         self.search_button = QPushButton("Search")
-        self.search_button.clicked.connect(self.search)
+        # clicked(bool) would pass `checked` as the query: call without arguments
+        self.search_button.clicked.connect(lambda: self.search())
         row.addWidget(self.query_edit, 1)
         row.addWidget(self.search_button)
         lay.addLayout(row)
@@ -74,6 +75,15 @@ class SearchDock(QgsDockWidget):
         self.threshold_spin.setDecimals(4)
         self.threshold_spin.setValue(-1.0)
         row.addWidget(self.threshold_spin)
+        row.addWidget(QLabel("min confidence"))
+        self.confidence_spin = QDoubleSpinBox()
+        self.confidence_spin.setRange(0.0, 1.0)
+        self.confidence_spin.setSingleStep(0.1)
+        self.confidence_spin.setDecimals(2)
+        self.confidence_spin.setValue(0.0)
+        self.confidence_spin.setToolTip("rank only tiles whose caption confidence (the predicted chance that "
+                                        "the caption names the right scene) is at least this")
+        row.addWidget(self.confidence_spin)
         lay.addLayout(row)
         self.style_check = QCheckBox("Colour tiles by score")
         self.style_check.setChecked(True)
@@ -120,7 +130,8 @@ class SearchDock(QgsDockWidget):
         self._status(f"searching '{query}'…")
         self.task = SearchTask(gpkg_path_of(layer), query, self.k_spin.value(), settings.backend_mode,
                                settings.python(), device=settings.device,
-                               on_finished=lambda outcome, lid=layer.id(): self._finished(outcome, lid))
+                               on_finished=lambda outcome, lid=layer.id(): self._finished(outcome, lid),
+                               min_confidence=self.confidence_spin.value() or None)
         QgsApplication.taskManager().addTask(self.task)
         return self.task
 
@@ -147,7 +158,9 @@ class SearchDock(QgsDockWidget):
             text = f"{rank:>2}. {score:.3f}  {hit.get('caption', '')}" if score is not None else hit.get("caption", "")
             item = QListWidgetItem(text)
             item.setData(TILE_ROLE, hit.get("tile_id"))
-            item.setToolTip(f"tile {hit.get('tile_id')} (row {hit.get('row')}, col {hit.get('col')})")
+            conf = hit.get("confidence")
+            item.setToolTip(f"{hit.get('caption', '')}\ntile {hit.get('tile_id')} (row {hit.get('row')}, "
+                            f"col {hit.get('col')})" + (f", confidence {conf:.2f}" if conf is not None else ""))
             self.results.addItem(item)
         self.results.blockSignals(False)
         if layer is not None:

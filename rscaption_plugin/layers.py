@@ -15,11 +15,11 @@ from qgis.core import (
     QgsCoordinateTransform,
     QgsFeatureRequest,
     QgsFillSymbol,
+    QgsLinePatternFillSymbolLayer,
     QgsProject,
     QgsProviderRegistry,
     QgsRectangle,
     QgsRuleBasedRenderer,
-    QgsSingleSymbolRenderer,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtGui import QColor
@@ -95,9 +95,41 @@ def outline_symbol(color: QColor, width: float = 0.4, fill: QColor | None = None
     })
 
 
+#: Tiles below this confidence are drawn differently: the model is more likely wrong than right.
+LOW_CONFIDENCE = 0.5
+
+
+def low_confidence_symbol() -> QgsFillSymbol:
+    """A dashed grey-violet outline with a sparse hatch: reads as "unsure" at a glance and still
+    lets the imagery show through."""
+    sym = QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "170,120,255,255",
+                                      "outline_width": "0.4", "outline_width_unit": "MM",
+                                      "outline_style": "dash"})
+    hatch = QgsLinePatternFillSymbolLayer()
+    hatch.setLineAngle(45)
+    hatch.setDistance(3.0)
+    hatch.setColor(QColor(170, 120, 255, 110))
+    hatch.setLineWidth(0.2)
+    sym.appendSymbolLayer(hatch)
+    return sym
+
+
+def tile_rules(root) -> None:
+    """Confident tiles: thin yellow outline; low-confidence ones: ``low_confidence_symbol``."""
+    root.appendChild(QgsRuleBasedRenderer.Rule(
+        low_confidence_symbol(), 0, 0, f'"confidence" < {LOW_CONFIDENCE}',
+        f"low confidence (< {LOW_CONFIDENCE})"))
+    root.appendChild(QgsRuleBasedRenderer.Rule(
+        outline_symbol(QColor(255, 215, 0)), 0, 0, f'"confidence" >= {LOW_CONFIDENCE} OR "confidence" IS NULL',
+        "tiles"))
+
+
 def apply_default_style(layer: QgsVectorLayer) -> None:
-    """Transparent fill and a thin bright outline: the imagery stays visible under the grid."""
-    layer.setRenderer(QgsSingleSymbolRenderer(outline_symbol(QColor(255, 215, 0))))
+    """Transparent fill and a thin bright outline: the imagery stays visible under the grid;
+    low-confidence tiles are dashed and hatched so a reader knows which captions to doubt."""
+    root = QgsRuleBasedRenderer.Rule(None)
+    tile_rules(root)
+    layer.setRenderer(QgsRuleBasedRenderer(root))
     layer.setMapTipTemplate(MAP_TIP)
     layer.setDisplayExpression('"caption"')
     layer.triggerRepaint()
@@ -123,8 +155,9 @@ def apply_score_style(layer: QgsVectorLayer, hits: list[dict]) -> None:
         sym = outline_symbol(QColor(255, 60, 0), 0.8, QColor(255, 90, 0, alpha))
         rule = QgsRuleBasedRenderer.Rule(sym, 0, 0, tile_filter(ids), f"score {a:.3f} – {z:.3f}")
         root.appendChild(rule)
-    else_rule = QgsRuleBasedRenderer.Rule(outline_symbol(QColor(255, 215, 0)), 0, 0, "ELSE", "other tiles")
-    root.appendChild(else_rule)
+    others = QgsRuleBasedRenderer.Rule(None, 0, 0, "ELSE", "other tiles")
+    tile_rules(others)
+    root.appendChild(others)
     layer.setRenderer(QgsRuleBasedRenderer(root))
     layer.triggerRepaint()
 

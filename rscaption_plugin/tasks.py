@@ -90,8 +90,9 @@ class SearchTask(QgsTask):
     """Embeds the query with the model's text tower and ranks the stored tile embeddings."""
 
     def __init__(self, gpkg: str, query: str, k: int, mode: str, python: str | None, model=None,
-                 device=None, on_finished=None):
+                 device=None, on_finished=None, min_confidence: float | None = None):
         super().__init__(f"rscaption: search '{query}'", QgsTask.Flag.CanCancel)
+        self.min_confidence = min_confidence
         self.gpkg, self.query, self.k = gpkg, query, k
         self.mode, self.python, self.model, self.device = mode, python, model, device
         self._on_finished = on_finished
@@ -104,7 +105,8 @@ class SearchTask(QgsTask):
         try:
             self.outcome.hits = run_search(self.gpkg, self.query, self.k, self.mode, self.python,
                                            model=self.model, device=self.device,
-                                           cb=Callbacks(on_backend=on_backend, should_cancel=self.isCanceled))
+                                           cb=Callbacks(on_backend=on_backend, should_cancel=self.isCanceled),
+                                           min_confidence=self.min_confidence)
         except RunError as exc:
             self.outcome.error = str(exc)
             return False

@@ -368,3 +368,85 @@ def test_caption_with_the_embedded_default_model(plugin, geotiff, tmp_path):
     captions = [f["caption"] for f in run.layer.getFeatures()]
     assert all(len(c.split()) >= 3 for c in captions), captions
     assert {f["model"] for f in run.layer.getFeatures()} == {"default"}
+
+
+@pytest.fixture
+def graded(captioned, tmp_path):
+    """A copy of ``captioned`` whose confidences spread over 0..1 (the tiny model's are all ~0.007),
+    written into the file as the pipeline would have."""
+    import shutil
+    import sqlite3
+
+    out = tmp_path / "graded.gpkg"
+    shutil.copy(captioned, out)
+    from rscaption.gpkg import _register_functions
+
+    con = sqlite3.connect(out)
+    _register_functions(con)  # the GeoPackage's rtree triggers call ST_* functions
+    con.execute("UPDATE tiles SET confidence = ((tile_id * 37) % 100) / 100.0")
+    con.commit()
+    con.close()
+    return out
+
+
+def test_search_button_click_searches_and_min_confidence_filters(plugin, graded):
+    """A real click on Search (not a method call): ``clicked(bool)`` once passed ``checked`` as the
+    query. Then the confidence filter ranks only tiles at or above it."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    from rscaption.search import search_store
+
+    captioned = graded
+    layer = QgsVectorLayer(f"{captioned}|layername=tiles", "tiles", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.k_spin.setValue(50)
+    dock.query_edit.clear()
+    QTest.keyClicks(dock.query_edit, "a river with green fields")
+    QTest.mouseClick(dock.search_button, Qt.MouseButton.LeftButton)
+    assert dock.searching or dock.hits, dock.status.text()
+    assert wait_until(lambda: not dock.searching, 120)
+    assert dock.error is None, dock.error
+    assert dock.query_edit.text() == "a river with green fields"
+    every = search_store(str(captioned), "a river with green fields", k=50)
+    assert [h["tile_id"] for h in dock.hits] == [h.tile_id for h in every]
+    assert all(h["confidence"] is not None for h in dock.hits)
+    assert dock.results.item(0).toolTip().startswith(every[0].caption)
+
+    confs = sorted(h.confidence for h in every)
+    cut = 0.5
+    dock.confidence_spin.setValue(cut)
+    QTest.mouseClick(dock.search_button, Qt.MouseButton.LeftButton)
+    assert wait_until(lambda: not dock.searching, 120)
+    assert dock.hits and all(h["confidence"] >= cut for h in dock.hits)
+    assert len(dock.hits) == sum(1 for c in confs if c >= cut) < len(every)
+
+
+def test_low_confidence_tiles_are_drawn_apart(qgis_new_project, graded):
+    """The default style marks tiles below the confidence line (dashed, hatched) and keeps the
+    others a thin outline; both leave the imagery visible (no opaque fill)."""
+    from qgis.core import QgsRenderContext
+
+    from rscaption_plugin.layers import LOW_CONFIDENCE, apply_default_style
+
+    layer = QgsVectorLayer(f"{graded}|layername=tiles", "tiles", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    apply_default_style(layer)
+    renderer = layer.renderer()
+    assert renderer.type() == "RuleRenderer"
+    ctx = QgsRenderContext()
+    renderer.startRender(ctx, layer.fields())
+    seen = {}
+    try:
+        for f in layer.getFeatures():
+            syms = renderer.symbolsForFeature(f, ctx)
+            assert len(syms) == 1
+            low = f["confidence"] < LOW_CONFIDENCE
+            seen.setdefault(low, set()).add(syms[0].symbolLayerCount())
+            assert syms[0].color().alpha() == 0 or syms[0].symbolLayer(0).fillColor().alpha() == 0
+    finally:
+        renderer.stopRender(ctx)
+    # low-confidence tiles carry the extra hatch layer; confident ones a single outline
+    assert seen == {False: {1}, True: {2}}

@@ -71,7 +71,9 @@ def test_tiny_training_run_end_to_end(tmp_path):
     run = tmp_path / "run"
     cfg = _config(data, tmp_path, mapping_epochs=3)
     state = train(cfg, out=run, progress=False)
-    assert set(state["done"]) == {"tokenizer", "lm", "features", "contrastive", "embed", "mapping", "export", "evaluate"}
+    assert set(state["done"]) == {"tokenizer", "lm", "features", "contrastive", "embed", "mapping", "crosslingual",
+                                  "calibrate", "export", "evaluate"}
+    assert state["done"]["crosslingual"]["skipped"], "no crosslingual section: nothing to train"
 
     lm = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     lm = [r for r in lm if r.get("stage") == "lm" and "step" in r]
@@ -91,8 +93,13 @@ def test_tiny_training_run_end_to_end(tmp_path):
     out = cap.caption(emb, beam_size=2)
     assert len(out) == 2 and all(isinstance(c, str) and c for c, _ in out)
     assert cap.card["tile_size"] == 64
+    # the confidence is the calibrated scene head's, stored in the checkpoint
+    assert cap.scene is not None and len(cap.scene.phrases) == 21
+    assert all(0.0 <= c <= 1.0 for _, c in out)
     report = json.loads((run / "eval.json").read_text())
-    assert "CIDEr-D" in report["captioning"] and "accuracy" in report["classification"]
+    ucm = report["sets"]["UCM"]
+    assert "CIDEr-D" in ucm["captioning"] and 0 <= ucm["scene_accuracy_%"] <= 100
+    assert "AUROC" in ucm["confidence"] and "t2i_mR" in ucm["retrieval"]
 
     # a run dir with progress is not silently overwritten
     from rscaption.training.runner import TrainError

@@ -23,6 +23,7 @@ class SearchHit:
     col: int
     score: float
     caption: str
+    confidence: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,22 +69,35 @@ def model_for_store(store: TileStore, model=None, device=None):
     return cap
 
 
-def search_store(gpkg_path: str, query: str, k: int = 10, model=None, device=None) -> list[SearchHit]:
+def search_store(gpkg_path: str, query: str, k: int = 10, model=None, device=None,
+                 min_confidence: float | None = None) -> list[SearchHit]:
+    """Top ``k`` tiles for ``query``; ``min_confidence`` keeps only tiles whose caption confidence
+    reaches it *before* ranking, so k confident tiles come back rather than fewer than k."""
     if not query or not query.strip():
         raise StoreError("the search query is empty")
     if not os.path.exists(gpkg_path):
         raise StoreError(f"{gpkg_path} does not exist")
+    if min_confidence is not None and not 0.0 <= float(min_confidence) <= 1.0:
+        raise StoreError(f"the minimum confidence must be between 0 and 1, not {min_confidence}")
     with TileStore.open(gpkg_path) as store:
         tile_ids, emb = store.embeddings()
         if len(tile_ids) == 0:
             return []
         cap = model_for_store(store, model, device)
+        attrs = {t["tile_id"]: t for t in store.tiles()}
+        if min_confidence:
+            keep = np.array([(attrs.get(int(t), {}).get("confidence") or 0.0) >= float(min_confidence)
+                             for t in tile_ids], dtype=bool)
+            tile_ids, emb = tile_ids[keep], emb[keep]
+            if len(tile_ids) == 0:
+                return []
         q = cap.embed_texts([query.strip()])[0]
         order, scores = rank(q, emb, k)
-        attrs = {t["tile_id"]: t for t in store.tiles()}
     hits = []
     for i, s in zip(order, scores):
         t = attrs.get(int(tile_ids[i]), {})
+        conf = t.get("confidence")
         hits.append(SearchHit(tile_id=int(tile_ids[i]), row=int(t.get("row", -1)), col=int(t.get("col", -1)),
-                              score=float(s), caption=str(t.get("caption", ""))))
+                              score=float(s), caption=str(t.get("caption", "")),
+                              confidence=None if conf is None else float(conf)))
     return hits

@@ -83,9 +83,9 @@ class SceneVocab:
         caps = self.captions.get(_norm(dataset), {}).get(_norm(label))
         if caps:
             return list(caps)
-        phrases = [self.phrases[i] for i in self.positives(dataset, label)]
-        p = phrases[0]
-        return [f"it is a {p}.", f"this is a {p}.", f"there is a {p}.", f"an aerial image of a {p}."]
+        p = self.phrases[self.positives(dataset, label)[0]]
+        a = "an" if p[:1] in "aeiou" else "a"
+        return [f"it is {a} {p}.", f"this is {a} {p}.", f"there is {a} {p}.", f"an aerial image of {a} {p}."]
 
     def prompts(self, template: str) -> list[str]:
         return [template.format(p) for p in self.phrases]
