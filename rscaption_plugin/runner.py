@@ -124,7 +124,8 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
     return summary.to_dict()
 
 
-def _inprocess_search(gpkg: str, query: str, k: int, model: str | None, device) -> list[dict]:
+def _inprocess_search(gpkg: str, query: str, k: int, model: str | None, device,
+                      min_confidence: float | None = None) -> list[dict]:
     ensure_backend_on_path()
     from rscaption.errors import RscaptionError
     from rscaption.gpkg import TileStore
@@ -143,7 +144,7 @@ def _inprocess_search(gpkg: str, query: str, k: int, model: str | None, device) 
                         _MODEL_CACHE.clear()
                         _MODEL_CACHE[key] = found
                     cap = _MODEL_CACHE[key]
-        hits = search_store(gpkg, query, k=k, model=cap, device=device)
+        hits = search_store(gpkg, query, k=k, model=cap, device=device, min_confidence=min_confidence)
     except RscaptionError as exc:
         raise RunError(str(exc)) from None
     return [h.to_dict() for h in hits]
@@ -201,8 +202,10 @@ def run_caption(job: CaptionJob, mode: str, python: str | None, cb: Callbacks | 
 
 
 def run_search(gpkg: str, query: str, k: int, mode: str, python: str | None, model: str | None = None,
-               device: str | None = None, cb: Callbacks | None = None) -> list[dict]:
-    """Returns hits as dicts (tile_id, row, col, score, caption), best first; raises RunError."""
+               device: str | None = None, cb: Callbacks | None = None,
+               min_confidence: float | None = None) -> list[dict]:
+    """Returns hits as dicts (tile_id, row, col, score, caption, confidence), best first, among
+    tiles whose confidence reaches ``min_confidence`` (when given); raises RunError."""
     cb = cb or Callbacks()
     mode = resolve_mode(mode, python)
     device = None if device in (None, "", "auto") else device
@@ -210,9 +213,9 @@ def run_search(gpkg: str, query: str, k: int, mode: str, python: str | None, mod
         if mode == "inprocess":
             if cb.on_backend:
                 cb.on_backend({"mode": "inprocess"})
-            return _inprocess_search(gpkg, query, k, model, device)
+            return _inprocess_search(gpkg, query, k, model, device, min_confidence)
         fields = {"gpkg": gpkg, "query": query, "k": int(k), "model": resolve_model(model) if model else None,
-                  "device": device}
+                  "device": device, "min_confidence": float(min_confidence) if min_confidence else None}
         _, results = _subprocess_run(python, device, "search", fields, cb)
         for res in results:
             if res.get("cmd") == "search":

@@ -126,19 +126,23 @@ def _add_search(sub):
     p.add_argument("--model", default=None, help="override the model recorded in the file (hash must match)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="C",
+                   help="rank only tiles whose caption confidence is at least C (0-1)")
     p.set_defaults(func=cmd_search)
 
 
 def cmd_search(args) -> int:
     from .search import search_store
 
-    hits = search_store(args.gpkg, args.query, k=args.k, model=args.model, device=args.device)
+    hits = search_store(args.gpkg, args.query, k=args.k, model=args.model, device=args.device,
+                        min_confidence=args.min_confidence)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], indent=1))
     else:
-        print(f"{'rank':>4} {'score':>7} {'tile':>6} {'row':>4} {'col':>4}  caption")
+        print(f"{'rank':>4} {'score':>7} {'tile':>6} {'row':>4} {'col':>4} {'conf':>5}  caption")
         for i, h in enumerate(hits, 1):
-            print(f"{i:>4} {h.score:7.4f} {h.tile_id:>6} {h.row:>4} {h.col:>4}  {h.caption}")
+            conf = f"{h.confidence:5.2f}" if h.confidence is not None else "    -"
+            print(f"{i:>4} {h.score:7.4f} {h.tile_id:>6} {h.row:>4} {h.col:>4} {conf}  {h.caption}")
     return 0
 
 

@@ -7,7 +7,7 @@ rejected with one clear sentence instead of a KeyError deep in a task thread.
 Requests (plugin -> worker), one JSON object per line::
 
     {"cmd": "caption", "raster": ..., "out": ..., "model": ..., "tile_size": ..., ...}
-    {"cmd": "search", "gpkg": ..., "query": ..., "k": 10, "model": null}
+    {"cmd": "search", "gpkg": ..., "query": ..., "k": 10, "model": null, "min_confidence": null}
     {"cmd": "info", "model": "default"}
     {"cmd": "cancel"}
     {"cmd": "shutdown"}
@@ -60,7 +60,7 @@ _OPTIONAL_REQUEST = {
         "extent": (list,), "batch_size": (int,), "device": (str,), "beam_size": (int,),
         "resume": (bool,), "overwrite": (bool,), "target_resolution": _NUM, "language": (str,),
     },
-    "search": {"k": (int,), "model": (str,), "device": (str,)},
+    "search": {"k": (int,), "model": (str,), "device": (str,), "min_confidence": _NUM},
     "info": {"model": (str,), "device": (str,)},
 }
 TERMINAL_TYPES = frozenset({"done", "error"})
@@ -129,6 +129,8 @@ def validate_request(obj: dict) -> dict:
             raise ProtocolError("'caption' request: 'bands' must be 1-based band numbers")
     if cmd == "search" and obj.get("k") is not None and obj["k"] < 1:
         raise ProtocolError("'search' request: 'k' must be at least 1")
+    if cmd == "search" and obj.get("min_confidence") is not None and not 0 <= obj["min_confidence"] <= 1:
+        raise ProtocolError("'search' request: 'min_confidence' must be between 0 and 1")
     return obj
 
 

@@ -231,11 +231,13 @@ class Worker:
 
         device = req.get("device") or self.requested_device
         model = self._model(req["model"], device) if req.get("model") else self._store_model(req["gpkg"], device)
-        hits = search_store(req["gpkg"], req["query"], k=req.get("k") or 10, model=model, device=device)
+        hits = search_store(req["gpkg"], req["query"], k=req.get("k") or 10, model=model, device=device,
+                            min_confidence=req.get("min_confidence"))
         rows = [
             {
                 "tile_id": _plain(h.tile_id), "row": int(h.row), "col": int(h.col),
                 "score": clean_float(h.score), "caption": h.caption,
+                "confidence": None if h.confidence is None else clean_float(h.confidence),
             }
             for h in hits
         ]

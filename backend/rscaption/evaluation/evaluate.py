@@ -87,7 +87,23 @@ def evaluate_model(model, data, split: str = "val", images=None, beam_size: int 
         report["retrieval"] = retrieval_recall(temb @ emb.T, owner)
     labels = [r.label for r in recs]
     phrases = ds.class_phrases or ds.classes
-    if phrases and all(l is not None for l in labels):
+    vocab_targets = _vocab_targets(cap, ds, recs)
+    if vocab_targets is not None:
+        from .scene_eval import scene_accuracy
+
+        template = (getattr(cap, "card", {}) or {}).get("class_prompts") or DEFAULT_PROMPT
+        pos, allowed = vocab_targets
+        pemb = cap.embed_texts([template.format(p) for p in cap.scene.phrases])
+        ok = scene_accuracy(emb, pemb, pos, allowed)
+        per_class = {}
+        for r, o in zip(recs, ok):
+            per_class.setdefault(ds.classes[r.label], []).append(bool(o))
+        report["classification"] = {
+            "accuracy": round(float(100 * ok.mean()), 2),
+            "per_class": {c: round(100 * sum(v) / len(v), 2) for c, v in sorted(per_class.items())},
+            "method": f"the model's scene vocabulary ({len(cap.scene.phrases)} classes) through '{template}', "
+                      "restricted to the classes this dataset names"}
+    elif phrases and all(l is not None for l in labels):
         template = (getattr(cap, "card", {}) or {}).get("class_prompts") or DEFAULT_PROMPT
         pemb = cap.embed_texts([template.format(p) for p in phrases])
         pred = (emb @ pemb.T).argmax(1)
@@ -99,6 +115,30 @@ def evaluate_model(model, data, split: str = "val", images=None, beam_size: int 
                          "CIDEr-D = coco-caption Cider (sigma 6, clipped), IDF from this split's references; "
                          "SPICE not computed (needs a CoreNLP download)")
     return report
+
+
+def _vocab_targets(cap, ds, recs):
+    """``(positives, allowed)`` over the model's scene vocabulary when the model has one and the
+    dataset's labels map into it (``training/scene_vocab.yaml``), else None (plain zero-shot)."""
+    scene = getattr(cap, "scene", None)
+    if scene is None or not ds.classes or any(r.label is None for r in recs):
+        return None
+    from ..errors import TrainError
+    from ..training.scene_vocab import SceneVocab
+
+    vocab = SceneVocab.load()
+    if list(vocab.phrases) != list(scene.phrases):
+        return None
+    try:
+        maps = [vocab.positives(ds.name, c) for c in ds.classes]
+    except TrainError:
+        return None
+    pos = np.zeros((len(recs), len(vocab)), bool)
+    for i, r in enumerate(recs):
+        pos[i, maps[r.label]] = True
+    allowed = np.zeros_like(pos)
+    allowed[:, sorted({j for m in maps for j in m})] = True
+    return pos, allowed
 
 
 def format_table(report: dict) -> str:

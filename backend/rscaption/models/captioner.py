@@ -50,6 +50,7 @@ class Captioner(nn.Module):
         self._hash: str | None = None
         self.source_dir: Path | None = None
         self.extra_decoders = nn.ModuleDict()  # language -> Decoder, besides the English one
+        self.scene = None  # models.scene.SceneHead: calibrated confidence (None: LM token probability)
         if mapping is not None and getattr(mapping, "embed_dim", encoder.embed_dim) != encoder.embed_dim:
             raise ModelError(f"mapping expects {mapping.embed_dim}-d embeddings, encoder gives {encoder.embed_dim}")
         self.eval()
@@ -202,8 +203,11 @@ class Captioner(nn.Module):
         return self.decoder().decode(ids)
 
     def caption(self, embeddings, beam_size: int = 1, max_new_tokens: int = 30, length_penalty: float = 1.0,
-                batch_size: int | None = None, language: str = "en") -> list[tuple[str, float]]:
-        """Captions for stored image embeddings, with confidence = exp(mean token log-prob)."""
+                batch_size: int | None = None, language: str = "en",
+                calibrated: bool = True) -> list[tuple[str, float]]:
+        """Captions for stored image embeddings with a confidence: the calibrated probability that
+        the caption names the right scene when the model has a scene head (``models.scene``; low
+        ones then get an honest "uncertain" caption in English), else exp(mean token log-prob)."""
         dec = self.decoder(language)
         emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
         if emb.ndim == 1:
@@ -220,4 +224,6 @@ class Captioner(nn.Module):
             else:
                 ids, lps = dec.beam_ids(chunk, beam_size, max_new_tokens, length_penalty)
             results += [(dec.decode(i), float(min(1.0, np.exp(lp)))) for i, lp in zip(ids, lps)]
+        if calibrated and self.scene is not None:
+            results = self.scene.apply(emb.float().cpu().numpy(), results, rewrite=language == "en")
         return results

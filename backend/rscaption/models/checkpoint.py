@@ -8,6 +8,8 @@ text_tower/            lit text tower + tokenizer when not taken from the instal
 mapping.safetensors    the prefix mapper
 lm/                    the causal LM (transformers save_pretrained, safetensors)
 tokenizer/             the caption tokenizer (transformers save_pretrained)
+scene.safetensors      optional scene head: class-prompt embeddings + training prototypes for the
+                       calibrated confidence (config.json "scene": phrases, temperature, weights)
 decoders/<lang>/       optional decoders for more caption languages: mapping.safetensors, lm/, tokenizer/
 ```
 
@@ -40,6 +42,7 @@ from .captioner import Captioner
 from .decoder import Decoder
 from .encoders import build_encoder, save_hf_model
 from .mapping import build_mapping
+from .scene import SceneHead
 from .weights import load_into, load_state, quiet_loading, save_state, storage_dtype
 
 FORMAT = "rscaption-captioner"
@@ -98,6 +101,8 @@ def _write_files(cap: Captioner, out: Path) -> None:
     if len(cap.extra_decoders):  # no key at all for English-only models: their hashes stay as they were
         config["decoders"] = {lang: {"path": f"decoders/{lang}", **write_decoder(dec, out / "decoders" / lang, dtype)}
                               for lang, dec in cap.extra_decoders.items()}
+    if getattr(cap, "scene", None) is not None:  # calibrated confidence (models.scene)
+        config["scene"] = cap.scene.save(out, dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -225,6 +230,7 @@ def _load_checkpoint(directory, device=None, dtype=None) -> Captioner:
         if config.get("tokenizer"):
             tokenizer = _load_tokenizer(config["tokenizer"], directory)
         decoders = _load_decoders(config, directory)
+        scene = SceneHead.load(config["scene"], directory) if config.get("scene") else None
     except ModelError:
         raise
     except KeyError as exc:
@@ -235,6 +241,7 @@ def _load_checkpoint(directory, device=None, dtype=None) -> Captioner:
                     storage_dtype=config.get("storage_dtype", "float32"))
     for lang, dec in decoders.items():
         cap.add_decoder(lang, dec)
+    cap.scene = scene
     cap._hash = hash_dir(directory)
     cap.source_dir = directory
     return cap.to_device(device, dtype)
