@@ -1,0 +1,77 @@
+"""Markdown tables for the model card from a training run's reports (eval.json, calibrate/ and
+crosslingual/ reports, log.jsonl stage times), so the card's figures are copied by a program,
+not by hand.
+
+    .venv/bin/python tools/card_tables.py [runs/default]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def val_table(ev: dict) -> str:
+    rows = ["| val set | images | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | scene acc. % | caption names right scene % "
+            "| t2i mR | mR | conf. AUROC | conf. ECE | tiles/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rep in ev["sets"].items():
+        c, r, k = rep.get("captioning", {}), rep.get("retrieval", {}), rep.get("confidence", {})
+        rows.append("| " + " | ".join([
+            name, str(rep["n_images"]), _fmt(c.get("BLEU-4")), _fmt(c.get("METEOR")), _fmt(c.get("ROUGE-L")),
+            _fmt(c.get("CIDEr-D")), _fmt(rep.get("scene_accuracy_%"), 2), _fmt(rep.get("caption_right_scene_%"), 2),
+            _fmt(r.get("t2i_mR"), 2), _fmt(r.get("mR"), 2), _fmt(k.get("AUROC")), _fmt(k.get("ECE")),
+            _fmt(rep["timing"]["tiles_per_s"], 1)]) + " |")
+    return "\n".join(rows)
+
+
+def stage_table(log_path: Path) -> str:
+    recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    done = {}
+    for r in recs:
+        if r.get("event") == "done":
+            done[r["stage"]] = r.get("stage_seconds")
+    rows = ["| stage | seconds |", "|---|---|"]
+    rows += [f"| {k} | {v} |" for k, v in done.items()]
+    rows.append(f"| **total** | **{round(sum(v or 0 for v in done.values()), 1)}** |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    run = Path((argv or sys.argv[1:] or ["runs/default"])[0])
+    ev = json.loads((run / "eval.json").read_text())
+    print("## val\n")
+    print(val_table(ev))
+    cal = run / "calibrate" / "report.json"
+    if cal.exists():
+        c = json.loads(cal.read_text())
+        print("\n## calibration (report halves)\n")
+        print(json.dumps({k: v for k, v in c.items() if k != "per_set"}, indent=1))
+        for name, r in c["per_set"].items():
+            print(f"- {name}: {r}")
+    for rep in sorted(run.glob("crosslingual/*/report.json")):
+        r = json.loads(rep.read_text())
+        print(f"\n## crosslingual {rep.parent.name}\n")
+        print(json.dumps({k: v for k, v in r.items() if k != "examples"}, indent=1, ensure_ascii=False))
+        for e in r.get("examples", [])[:5]:
+            print(f"- {json.dumps(e, ensure_ascii=False)}")
+    print("\n## stage times\n")
+    print(stage_table(run / "log.jsonl"))
+    for name, rep in ev["sets"].items():
+        print(f"\n## examples {name}\n")
+        for e in rep.get("examples", [])[:5]:
+            print(f"| {e['image']} | {e['caption']} | {e['confidence']} | {e['reference']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
