@@ -47,6 +47,7 @@ class BackendClient:
         self._messages: queue.Queue = queue.Queue()
         self._write_lock = threading.Lock()
         self.lock = threading.Lock()  # held by whoever runs a request on this client
+        self._pumps: list[threading.Thread] = []
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> dict:
@@ -63,8 +64,10 @@ class BackendClient:
             )
         except OSError as exc:
             raise BackendError(f"cannot start the backend with {self.python}: {exc}") from None
-        threading.Thread(target=self._pump_stdout, daemon=True, name="rscaption-client-out").start()
-        threading.Thread(target=self._pump_stderr, daemon=True, name="rscaption-client-err").start()
+        self._pumps = [threading.Thread(target=self._pump_stdout, daemon=True, name="rscaption-client-out"),
+                       threading.Thread(target=self._pump_stderr, daemon=True, name="rscaption-client-err")]
+        for pump in self._pumps:
+            pump.start()
         deadline = time.monotonic() + self.startup_timeout
         while True:
             msg = self._next(deadline - time.monotonic())
@@ -89,16 +92,18 @@ class BackendClient:
 
     def close(self, timeout: float = 5.0) -> None:
         if not self.alive():
+            self.release_pipes()
             return
         try:
             self._send("shutdown")
             self.proc.stdin.close()
-        except (OSError, ValueError):
+        except (OSError, ValueError, BackendError):
             pass
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+        self.release_pipes()
 
     def kill(self) -> None:
         if self.alive():
@@ -106,6 +111,23 @@ class BackendClient:
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
+                pass
+        self.release_pipes()
+
+    def release_pipes(self) -> None:
+        """Close our ends of the pipes once the process has ended. Left to the garbage collector
+        they raise ``ResourceWarning: unclosed file`` (three per run, more after a kill); the pump
+        threads are joined first so none of them reads from a closed file."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        for pump in self._pumps:
+            if pump is not threading.current_thread():
+                pump.join(2.0)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except (OSError, ValueError):
                 pass
 
     # -- I/O -----------------------------------------------------------------------------------
@@ -210,7 +232,11 @@ class ClientPool:
 
     def acquire(self, python: str, device: str | None, on_log=None) -> BackendClient:
         with self._lock:
+            dead = [c for c in self._clients if not c.alive()]
             self._clients = [c for c in self._clients if c.alive()]
+        for client in dead:  # died (killed, crashed) since its last request: close our pipe ends
+            client.release_pipes()
+        with self._lock:
             for client in self._clients:
                 if client.python == python and client.device == (None if device in (None, "", "auto") else device):
                     if client.lock.acquire(blocking=False):
@@ -221,6 +247,7 @@ class ClientPool:
         try:
             client.start()
         except Exception:
+            client.kill()  # a worker that died or hung at start-up: reap it and close the pipes
             client.lock.release()
             raise
         with self._lock:
@@ -230,7 +257,11 @@ class ClientPool:
     def release(self, client: BackendClient) -> None:
         client.on_log = None
         client.lock.release()
+        if not client.alive():  # killed or crashed during the request
+            client.release_pipes()
         with self._lock:
+            if client in self._clients and not client.alive():
+                self._clients.remove(client)
             idle = [c for c in self._clients if c.alive() and not c.lock.locked()]
             for extra in idle[self.max_idle:]:
                 self._clients.remove(extra)
