@@ -11,7 +11,7 @@ import time
 
 from qgis.core import Qgis, QgsApplication, QgsProject
 
-from .layers import has_tile_table, open_tile_layer, refresh_layer, settle_store
+from .layers import find_tile_layer, has_tile_table, open_tile_layer, refresh_layer, settle_store
 from .tasks import CaptionTask, Outcome, log
 
 
@@ -71,6 +71,12 @@ class CaptionRun:
             return
         out = self.request.job.out
         if not has_tile_table(out):
+            return
+        existing = find_tile_layer(out) if self.add_to_project else None
+        if existing is not None:  # a resumed run on a file already in the project: reuse its layer
+            self.layer, self.layer_id = existing, existing.id()
+            refresh_layer(existing)
+            self._last_refresh = time.monotonic()
             return
         layer = open_tile_layer(out, self.request.layer_name)
         if not layer.isValid():

@@ -44,6 +44,28 @@ def gpkg_path_of(layer) -> str | None:
     return path if path and os.path.isfile(path) else None
 
 
+def same_file(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def find_tile_layer(gpkg: str, project=None):
+    """The project's layer already showing this GeoPackage's tiles, if any: a resumed run on the
+    same file must refresh that layer rather than add a second copy of it."""
+    project = project or QgsProject.instance()
+    for layer in project.mapLayers().values():
+        if not isinstance(layer, QgsVectorLayer) or not same_file(gpkg_path_of(layer), gpkg):
+            continue
+        name = QgsProviderRegistry.instance().decodeUri("ogr", layer.source()).get("layerName")
+        if name in (None, "", TILE_LAYER):
+            return layer
+    return None
+
+
 def is_rscaption_gpkg(path: str | None) -> bool:
     if not path or not os.path.isfile(path):
         return False

@@ -47,3 +47,29 @@ def test_subprocess_runs_and_kills_leave_no_unclosed_pipes(qgis_new_project, geo
         gc.collect()
     leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert leaks == []
+
+
+def _tile_layers_for(path) -> list:
+    from rscaption_plugin.layers import find_tile_layer, gpkg_path_of, same_file
+
+    assert find_tile_layer(str(path)) is not None
+    return [lyr for lyr in QgsProject.instance().mapLayers().values() if same_file(gpkg_path_of(lyr), str(path))]
+
+
+def test_resumed_run_on_the_same_file_reuses_its_layer(plugin, geotiff, tiny, tmp_path):  # noqa: F811
+    """Cancel a run, resume it on the same GeoPackage, then run it once more: one layer for that
+    file in the project throughout, showing every committed tile."""
+    out = tmp_path / "resumed.gpkg"
+    request = caption_request(geotiff("RGB.byte.tif"), out, tiny, tile_size=128, batch_size=4)
+    first = plugin.start_caption(request)
+    assert wait_until(lambda: first.tiles_seen > 0 or first.done, 120)
+    first.cancel()
+    assert wait_until(lambda: first.done, 120)
+    assert len(_tile_layers_for(out)) == 1
+    for _ in range(2):
+        run = plugin.start_caption(caption_request(geotiff("RGB.byte.tif"), out, tiny, tile_size=128, batch_size=4))
+        assert wait_until(lambda: run.done, 180)
+        assert run.outcome.ok, run.outcome.error
+        layers = _tile_layers_for(out)
+        assert len(layers) == 1 and run.layer is layers[0] is first.layer
+        assert run.layer.featureCount() == gpkg_tile_count(out)
