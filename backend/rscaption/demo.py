@@ -16,7 +16,7 @@ from .cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 CANDIDATES = ["m_4709963_se_14_1_20200831.tif", "alpha.tif", "RGB.byte.tif"]
-QUERIES = ["a residential area with houses and trees", "green farmland", "a river", "a parking lot with cars"]
+QUERIES = ["green farmland", "a lake", "a river", "houses and roads"]
 
 
 def _pick_raster() -> str:
@@ -46,6 +46,26 @@ def _pick_model() -> str:
         return str(tiny)
 
 
+def summarize(gpkg: Path, top: int = 8) -> None:
+    """What the model said about the raster: the most frequent captions with their tile counts and
+    mean confidence, and how many tiles it was unsure about."""
+    from collections import defaultdict
+
+    from .gpkg import TileStore
+
+    with TileStore.open(str(gpkg)) as store:
+        tiles = store.tiles()
+    by_caption = defaultdict(list)
+    for t in tiles:
+        by_caption[t.get("caption") or ""].append(float(t.get("confidence") or 0.0))
+    ranked = sorted(by_caption.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    print(f"\n== {len(tiles)} tiles, {len(by_caption)} distinct captions; most frequent:")
+    for text, confs in ranked[:top]:
+        print(f"{len(confs):>5} tiles  conf {sum(confs) / len(confs):.2f}  {text}")
+    low = sum(1 for t in tiles if float(t.get("confidence") or 0.0) < 0.5)
+    print(f"{low} of {len(tiles)} tiles have confidence < 0.5 (drawn dashed and hatched in QGIS)")
+
+
 def main() -> int:
     raster = _pick_raster()
     model = _pick_model()
@@ -55,6 +75,7 @@ def main() -> int:
     rc = cli_main(["caption", raster, "-o", str(out), "--model", model, "--overwrite"])
     if rc:
         return rc
+    summarize(out)
     for q in QUERIES:
         print(f"\n== rscaption search {out.name} \"{q}\" -k 3")
         rc = cli_main(["search", str(out), q, "-k", "3"] + ([] if model == "default" else ["--model", model]))

@@ -228,9 +228,25 @@ def describe_model(cap) -> str:
         lines += ["captioner:     none (search only)"]
     tile = card.get("tile_size")
     res = card.get("ground_resolution_m")
-    lines += [f"trained for:   tiles of {tile or '?'} px at {str(res) + ' m' if res else 'unknown'} ground resolution"]
+    anchors = card.get("tile_size_by_resolution")
+    if anchors:
+        lines += ["trained for:   " + ", ".join(f"{int(px)} px tiles at {m:g} m/px ({m * px:g} m)" for m, px in anchors)
+                  + " (--tile-size auto interpolates between)"]
+    else:
+        lines += [f"trained for:   tiles of {tile or '?'} px at {str(res) + ' m' if res else 'unknown'} ground resolution"]
     if card.get("trained_on"):
         lines.append(f"trained on:    {_fmt(card['trained_on'])}")
+    for t in card.get("training_sets") or []:
+        where = t.get("footprint_m") and f"{t['footprint_m']:g} m footprint" or t.get("ground_note") or ""
+        lines.append(f"  - {t.get('dataset')}: {t.get('train_images')} train images"
+                     f"{', ' + str(t.get('ground_m_per_px')) + ' m/px' if t.get('ground_m_per_px') else ''}"
+                     f"{', ' + where if where else ''}")
+    if getattr(cap, "languages", None):
+        lines.append(f"languages:     {', '.join(cap.languages)}")
+    scene = getattr(cap, "scene", None)
+    lines.append("confidence:    " + (f"calibrated P(caption names the right scene) over {len(scene.phrases)} scene "
+                                     f"classes; captions below {scene.low_threshold:g} say they are unsure"
+                                     if scene is not None else "mean token probability of the caption (uncalibrated)"))
     if card.get("metrics"):
         lines.append(f"metrics:       {_fmt(card['metrics'])}")
     lines.append(f"device:        {cap.device} ({str(cap.dtype).replace('torch.', '')})")
