@@ -102,11 +102,14 @@ class CaptionRun:
             self._message(f"{summary.get('written', 0)} tiles captioned ({summary.get('resumed', 0)} resumed, "
                           f"{summary.get('skipped_nodata', 0)} nodata) on {summary.get('device') or '?'} "
                           f"in {summary.get('seconds', 0):.1f} s", Qgis.MessageLevel.Success, 8)
-        elif outcome.cancelled:
-            self._message(f"cancelled; {self._kept()} finished tiles kept in {self.request.job.out}",
-                          Qgis.MessageLevel.Warning, 8)
+        elif outcome.cancelled and not outcome.error:
+            kept = self._kept() if self.tiles_seen else 0
+            self._message(f"cancelled; {kept} finished tiles kept in {self.request.job.out}" if kept
+                          else "cancelled before any tile was captioned", Qgis.MessageLevel.Info, 8)
         else:
-            self._message(f"captioning failed: {outcome.error}. {self._kept()} finished tiles kept.",
+            # only a run that committed tiles has any to keep: a refused or failed start says so not
+            kept = self._kept() if self.tiles_seen else 0
+            self._message(f"captioning failed: {outcome.error}" + (f". {kept} finished tiles kept." if kept else ""),
                           Qgis.MessageLevel.Critical, 0)
         if self.on_done is not None:
             self.on_done(self)

@@ -17,6 +17,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -35,6 +36,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from .dialog_state import HELP_TEXT, NO_TORCH_TIP, availability, remember, remembered_mode
 from .footprint import tile_choice
 from .model_card import card_summary, card_tile_size, read_card
 from .paths import torch_importable
@@ -166,7 +168,13 @@ class CaptionDialog(QDialog):
         for mode in BACKEND_MODES:
             self.mode_combo.addItem({"auto": "Automatic", "inprocess": "In-process (QGIS's Python)",
                                      "subprocess": "Local subprocess"}[mode], mode)
-        self.mode_combo.setCurrentIndex(max(0, self.mode_combo.findData(self.settings.backend_mode)))
+        self._inprocess = torch_importable()
+        if not self._inprocess:  # never offer what cannot run: disabled, with the reason as its tooltip
+            index = self.mode_combo.findData("inprocess")
+            self.mode_combo.model().item(index).setEnabled(False)
+            self.mode_combo.setItemData(index, NO_TORCH_TIP, Qt.ItemDataRole.ToolTipRole)
+        self.mode_combo.setCurrentIndex(
+            max(0, self.mode_combo.findData(remembered_mode(self.settings, self._inprocess))))
         bform.addRow("Mode", self.mode_combo)
         self.python_edit = QLineEdit(self.settings.python() or "")
         self.python_edit.setPlaceholderText("python of an env with rscaption's requirements (Set up backend)")
@@ -194,18 +202,32 @@ class CaptionDialog(QDialog):
         self.output_file.setEnabled(False)
         self.output_combo.currentIndexChanged.connect(
             lambda _i: self.output_file.setEnabled(self.output_combo.currentData() == "file"))
+        self.output_file.setFilePath(self.settings.last_output_path)
+        self.output_combo.setCurrentIndex(max(0, self.output_combo.findData(self.settings.last_output)))
         oform.addRow("GeoPackage", self.output_file)
         self.resume_check = QCheckBox("Resume an existing file (skip tiles already captioned)")
         self.resume_check.setChecked(True)
         oform.addRow("", self.resume_check)
         root.addWidget(out)
 
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
-        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Caption")
+        self.message_label = QLabel("")  # why Caption is disabled, or what to fix in the form
+        self.message_label.setWordWrap(True)
+        self.message_label.setStyleSheet("color: #b00020")
+        root.addWidget(self.message_label)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
+                                   | QDialogButtonBox.StandardButton.Help)
+        self.caption_button = buttons.button(QDialogButtonBox.StandardButton.Ok)
+        self.caption_button.setText("Caption")
+        self.help_button = buttons.button(QDialogButtonBox.StandardButton.Help)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
+        buttons.helpRequested.connect(self.show_help)
         root.addWidget(buttons)
+        self.help_box: QMessageBox | None = None
+        self.mode_combo.currentIndexChanged.connect(lambda _i: self._update_backend())
+        self.python_edit.textChanged.connect(lambda _t: self._update_backend())
         self._model_changed(self.model_combo.currentText())
+        self._update_backend()
 
     def _preselect(self) -> None:
         active = self.iface.activeLayer() if self.iface else None
@@ -229,6 +251,7 @@ class CaptionDialog(QDialog):
         fallback = self.settings.tile_size or 256
         self.tile_spin.setValue(self.settings.tile_size or card_tile_size(name, fallback))
         self.card_label.setText(card_summary(name))
+        self.card_label.setToolTip(card_summary(name, full=True))
         self._update_footprint()
 
     def _update_footprint(self) -> None:
@@ -247,6 +270,22 @@ class CaptionDialog(QDialog):
             return
         text = choice.describe()
         self.footprint_label.setText(text[len("tiles: "):] if text.startswith("tiles: ") else text)
+
+    def _update_backend(self) -> None:
+        """Caption is enabled only when the chosen mode has a backend; the reason shows otherwise."""
+        state = availability(self.mode_combo.currentData(), self.python_edit.text(), self._inprocess)
+        self.caption_button.setEnabled(state.can_run)
+        self.caption_button.setToolTip(state.reason)
+        self.message_label.setText(state.reason)
+
+    def show_help(self) -> None:
+        """A non-modal help window (the dialog stays usable beside it)."""
+        if self.help_box is None:
+            self.help_box = QMessageBox(QMessageBox.Icon.Information, "rscaption — help", HELP_TEXT,
+                                        QMessageBox.StandardButton.Close, self)
+            self.help_box.setModal(False)
+        self.help_box.show()
+        self.help_box.raise_()
 
     def _browse_model(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "rscaption checkpoint directory")
@@ -296,6 +335,8 @@ class CaptionDialog(QDialog):
                 raise ValueError("choose an output GeoPackage")
             if not out.lower().endswith(".gpkg"):
                 out += ".gpkg"
+            if os.path.exists(out) and not self.resume_check.isChecked():
+                raise ValueError(f"{out} exists: tick Resume to continue it or choose another file")
             temporary = False
         else:
             out = os.path.join(tempfile.mkdtemp(prefix="rscaption-"), f"{_safe(layer.name())}_captions.gpkg")
@@ -315,11 +356,15 @@ class CaptionDialog(QDialog):
                               name, temporary)
 
     def accept(self) -> None:
+        if not self.caption_button.isEnabled():
+            return
         try:
             self.request = self.build_request()
         except (ValueError, RasterSourceError) as exc:
-            QMessageBox.warning(self, "rscaption", str(exc))
+            self.message_label.setText(str(exc))  # in the dialog, beside the fields to fix
             return
+        remember(self.settings, self.mode_combo.currentData(), self.output_combo.currentData(),
+                 self.output_file.filePath().strip())
         super().accept()
 
 

@@ -40,7 +40,17 @@ def card_tile_size(name: str | None, fallback: int = 256) -> int:
         return fallback
 
 
-def card_summary(name: str | None) -> str:
+def shorten(text: str, limit: int = 120) -> str:
+    """``text`` cut at a word boundary with an ellipsis, never mid-word."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit + 1].rsplit(" ", 1)[0].rstrip(",;:.")
+    return (cut or text[:limit]) + "…"
+
+
+def card_summary(name: str | None, full: bool = False) -> str:
+    """One line about the model for the dialog; ``full`` keeps the whole description (tooltip)."""
     card = read_card(name)
     if not card:
         if (name or "default") == "default" and default_model_dir() is None:
@@ -58,5 +68,5 @@ def card_summary(name: str | None) -> str:
         except (TypeError, ValueError):
             pass
     if card.get("description"):
-        bits.append(str(card["description"])[:120])
+        bits.append(str(card["description"]) if full else shorten(card["description"]))
     return "; ".join(bits) or "model card has no tiling hints"

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .paths import ensure_backend_on_path, resolve_model, torch_importable
+from .wording import gui_wording
 
 
 class RunError(RuntimeError):
@@ -194,8 +195,8 @@ def run_caption(job: CaptionJob, mode: str, python: str | None, cb: Callbacks | 
             return _inprocess_caption(job, cb)
         summary, _ = _subprocess_run(python, job.request_fields()["device"], "caption", job.request_fields(), cb)
         return summary
-    except RunError:
-        raise
+    except RunError as exc:
+        raise RunError(gui_wording(str(exc))) from None
     except Exception as exc:  # a bug, but the user still deserves a sentence and the log a traceback
         traceback.print_exc()
         raise RunError(f"captioning failed: {type(exc).__name__}: {exc}") from exc
@@ -221,8 +222,8 @@ def run_search(gpkg: str, query: str, k: int, mode: str, python: str | None, mod
             if res.get("cmd") == "search":
                 return list(res.get("hits") or [])
         return []
-    except RunError:
-        raise
+    except RunError as exc:
+        raise RunError(gui_wording(str(exc))) from None
     except Exception as exc:
         traceback.print_exc()
         raise RunError(f"search failed: {type(exc).__name__}: {exc}") from exc

@@ -24,6 +24,10 @@ class PluginSettings:
     tile_size: int = 0  # 0: auto, from the ground resolution and the model card
     overlap: int = 0
     batch_size: int = 8
+    # what the caption dialog chose last time (restored when it opens again)
+    last_mode: str = ""  # "": the backend_mode above
+    last_output: str = "temp"  # "temp" or "file"
+    last_output_path: str = ""
 
     @classmethod
     def load(cls) -> "PluginSettings":

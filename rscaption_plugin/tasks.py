@@ -75,13 +75,15 @@ class CaptionTask(QgsTask):
             log(traceback.format_exc(), Qgis.MessageLevel.Critical)
             return False
         self.outcome.summary = summary
-        self.outcome.cancelled = bool(summary.get("cancelled"))
-        return not self.outcome.cancelled
+        self.outcome.cancelled = bool(summary.get("cancelled")) or self.isCanceled()
+        # A cancel the user asked for ended cleanly (finished batches are committed): report it as
+        # complete to the task manager, which would otherwise announce "Task failed".
+        return True
 
     def finished(self, result: bool) -> None:
-        self.outcome.ok = bool(result)
         if self.isCanceled():
             self.outcome.cancelled = True
+        self.outcome.ok = bool(result) and not self.outcome.cancelled
         if self._on_finished is not None:
             self._on_finished(self.outcome)
 

@@ -73,3 +73,200 @@ def test_resumed_run_on_the_same_file_reuses_its_layer(plugin, geotiff, tiny, tm
         layers = _tile_layers_for(out)
         assert len(layers) == 1 and run.layer is layers[0] is first.layer
         assert run.layer.featureCount() == gpkg_tile_count(out)
+
+
+@pytest.fixture
+def fresh_settings(qgis_app):
+    """The dialog remembers its choices in QgsSettings: start and end every test on the defaults."""
+    from rscaption_plugin.settings import PluginSettings
+
+    PluginSettings().save()
+    yield
+    PluginSettings().save()
+
+
+def _click(widget):
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    QTest.mouseClick(widget, Qt.MouseButton.LeftButton)
+
+
+def _key(widget, key):
+    from qgis.PyQt.QtTest import QTest
+
+    QTest.keyClick(widget, key)
+
+
+def _type(line_edit, text):
+    from qgis.PyQt.QtTest import QTest
+
+    line_edit.clear()
+    QTest.keyClicks(line_edit, text)
+
+
+def _dialog(iface, geotiff, model):
+    from qgis.core import QgsRasterLayer
+
+    from rscaption_plugin.dialog import CaptionDialog
+
+    raster = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
+    QgsProject.instance().addMapLayer(raster)
+    iface.setActiveLayer(raster)
+    dlg = CaptionDialog(iface)
+    dlg.show()
+    _type(dlg.model_combo.lineEdit(), model)
+    return dlg
+
+
+def test_existing_output_without_resume_is_refused_in_dialog_words(qgis_iface, qgis_new_project, fresh_settings,
+                                                                   geotiff, tiny, tmp_path):  # noqa: F811
+    from qgis.PyQt.QtCore import Qt
+
+    from rscaption.pipeline import caption_raster
+    from rscaption.tiling import TilingParams
+
+    out = tmp_path / "exists.gpkg"
+    caption_raster(str(geotiff("RGB.byte.tif")), str(out), model=tiny, tiling=TilingParams(tile_size=256))
+    dlg = _dialog(qgis_iface, geotiff, tiny)
+    _key(dlg.output_combo, Qt.Key.Key_Down)  # "GeoPackage file"
+    assert dlg.output_combo.currentData() == "file" and dlg.output_file.isEnabled()
+    _type(dlg.output_file.lineEdit(), str(out))
+    _key(dlg.resume_check, Qt.Key.Key_Space)
+    assert not dlg.resume_check.isChecked()
+    _click(dlg.caption_button)
+    assert dlg.request is None and dlg.isVisible()
+    assert "tick Resume to continue it or choose another file" in dlg.message_label.text()
+    assert "--" not in dlg.message_label.text()
+    _key(dlg.resume_check, Qt.Key.Key_Space)
+    _click(dlg.caption_button)
+    assert dlg.request is not None and dlg.request.job.resume and dlg.request.job.out == str(out)
+
+
+def test_run_messages_use_dialog_words_and_a_cancel_is_no_failure(plugin, geotiff, tiny, tmp_path):  # noqa: F811
+    """A refused start says what to do in the dialog's words and claims no "kept" tiles; a user
+    cancel is an info message and the task manager sees a completed task, not a failed one."""
+    from qgis.core import Qgis, QgsApplication, QgsTask
+
+    from rscaption_plugin.caption_run import CaptionRun
+
+    bar = plugin.iface.messageBar()
+    raster = geotiff("RGB.byte.tif")
+    out = tmp_path / "first.gpkg"
+    first = plugin.start_caption(caption_request(raster, out, tiny, tile_size=256))
+    assert wait_until(lambda: first.done, 120) and first.outcome.ok
+
+    bar.clear_messages()
+    request = caption_request(raster, out, tiny, tile_size=256)
+    request.job.resume = False
+    refused = plugin.start_caption(request)
+    assert wait_until(lambda: refused.done, 120)
+    assert not refused.outcome.ok and "tick Resume to continue it or choose another file" in refused.outcome.error
+    failed = bar.get_messages(Qgis.MessageLevel.Critical)
+    assert failed and all("--" not in m and "kept" not in m for m in failed), failed
+
+    bar.clear_messages()
+    statuses = []
+    manager = QgsApplication.taskManager()
+    run = CaptionRun(caption_request(raster, tmp_path / "cancel.gpkg", tiny, tile_size=64, batch_size=2),
+                     plugin.iface)
+    manager.statusChanged.connect(lambda tid, status: statuses.append(status))
+    run.start()
+    assert wait_until(lambda: run.tiles_seen > 0 or run.done, 120)
+    run.cancel()
+    assert wait_until(lambda: run.done, 120)
+    assert run.outcome.cancelled and not run.outcome.ok and not run.outcome.error
+    assert QgsTask.TaskStatus.Terminated not in statuses and QgsTask.TaskStatus.Complete in statuses
+    infos = bar.get_messages(Qgis.MessageLevel.Info)
+    assert any("cancelled" in m for m in infos), infos
+    assert not bar.get_messages(Qgis.MessageLevel.Critical) and not bar.get_messages(Qgis.MessageLevel.Warning)
+
+
+def test_gui_wording_rewrites_command_line_options():
+    from rscaption_plugin.wording import gui_wording, has_cli_wording
+
+    text = gui_wording("/x/out.gpkg exists; pass --overwrite to replace it or --resume to continue it")
+    assert text == "/x/out.gpkg exists: tick Resume to continue it or choose another file"
+    assert gui_wording("/x was written from a different model; choose another output or pass --overwrite") == \
+        "/x was written from a different model; choose another output file"
+    assert not has_cli_wording(gui_wording("bad value for --tile-size")) and has_cli_wording("use --resume")
+
+
+NO_TORCH_DIALOG = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from qgis.core import QgsApplication
+app = QgsApplication([], True)
+app.initQgis()
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtTest import QTest
+from rscaption_plugin.dialog import CaptionDialog
+from rscaption_plugin.paths import torch_importable
+
+def run():
+    out = {"torch": torch_importable()}
+    dlg = CaptionDialog(None)
+    dlg.show()
+    index = dlg.mode_combo.findData("inprocess")
+    out["inprocess_enabled"] = dlg.mode_combo.model().item(index).isEnabled()
+    out["inprocess_tip"] = dlg.mode_combo.itemData(index, Qt.ItemDataRole.ToolTipRole)
+    modes = [dlg.mode_combo.currentData()]
+    for _ in range(3):
+        QTest.keyClick(dlg.mode_combo, Qt.Key.Key_Down)
+        modes.append(dlg.mode_combo.currentData())
+    out["modes_reached"] = modes
+    out["caption_enabled"] = dlg.caption_button.isEnabled()
+    out["reason"] = dlg.message_label.text()
+    out["button_tip"] = dlg.caption_button.toolTip()
+    QTest.mouseClick(dlg.caption_button, Qt.MouseButton.LeftButton)
+    out["accepted"] = dlg.request is not None
+    QTest.keyClicks(dlg.python_edit, "/nowhere/bin/python")
+    out["missing_enabled"] = dlg.caption_button.isEnabled()
+    out["missing_reason"] = dlg.message_label.text()
+    dlg.python_edit.clear()
+    QTest.keyClicks(dlg.python_edit, sys.executable)
+    out["python_enabled"] = dlg.caption_button.isEnabled()
+    out["python_reason"] = dlg.message_label.text()
+    dlg.close()
+    print("RESULT " + json.dumps(out))
+
+run()
+sys.stdout.flush()
+app.exitQgis()
+'''
+
+
+def test_dialog_offers_only_what_can_run_in_a_qgis_python_without_torch(tmp_path):
+    """QGIS's own Python (/usr/bin/python3 here) has no torch, and a packaged plugin has no project
+    .venv beside it: In-process is disabled with its reason as tooltip (keyboard navigation skips
+    it), Caption is disabled with the reason shown until a backend Python that exists is entered."""
+    import json
+    import shutil
+    import subprocess
+
+    from test_plugin_support import ROOT
+
+    qgis_python = "/usr/bin/python3"
+    probe = subprocess.run([qgis_python, "-c", "import qgis.core, importlib.util as u; "
+                            "print(u.find_spec('torch') is None)"], capture_output=True, text=True)
+    if probe.returncode != 0 or probe.stdout.strip() != "True":
+        pytest.skip("needs a system Python with qgis and without torch")
+    plugins = tmp_path / "plugins"
+    shutil.copytree(ROOT / "rscaption_plugin", plugins / "rscaption_plugin",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "backend" / "rscaption", plugins / "rscaption_plugin" / "backend" / "rscaption",
+                    ignore=shutil.ignore_patterns("__pycache__", "training"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(QT_QPA_PLATFORM="offscreen", HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run([qgis_python, "-c", NO_TORCH_DIALOG, str(plugins)], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=str(tmp_path))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout + proc.stderr
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["torch"] is False
+    assert out["inprocess_enabled"] is False and "cannot import torch" in out["inprocess_tip"]
+    assert "inprocess" not in out["modes_reached"] and "subprocess" in out["modes_reached"]
+    assert out["caption_enabled"] is False and out["accepted"] is False
+    assert "Set up backend" in out["reason"] and out["button_tip"] == out["reason"]
+    assert out["missing_enabled"] is False and "not found" in out["missing_reason"]
+    assert out["python_enabled"] is True and out["python_reason"] == ""
