@@ -19,6 +19,13 @@ EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes are one line plus where to look, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _csv_ints(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in text.split(",") if v.strip())
@@ -64,6 +71,8 @@ def _add_caption(sub):
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     g.add_argument("--no-resume", action="store_true", help="fail if the output exists instead of resuming")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-y", "--yes", action="store_true",
+                   help="start even a very large run (more than 100,000 tiles) without asking")
     p.set_defaults(func=cmd_caption)
 
 
@@ -74,6 +83,8 @@ def cmd_caption(args) -> int:
 
     if not os.path.exists(args.raster):
         raise RscaptionError(f"raster not found: {args.raster}")
+    if os.path.isdir(args.raster):
+        raise RscaptionError(f"{args.raster} is a directory, not a raster file")
     if not args.output.lower().endswith(".gpkg"):
         raise RscaptionError(f"the output must be a .gpkg file, got {args.output}")
     cap = load_model(args.model, device=args.device)
@@ -106,7 +117,8 @@ def cmd_caption(args) -> int:
     try:
         summary = caption_raster(args.raster, args.output, model=cap, tiling=tiling,
                                  batch_size=args.batch_size, beam_size=beam, on_progress=progress,
-                                 resume=not args.no_resume, overwrite=args.overwrite, language=args.language, tile_choice=choice)
+                                 resume=not args.no_resume, overwrite=args.overwrite, language=args.language, tile_choice=choice,
+                                 confirm_large=args.yes)
     except KeyboardInterrupt:
         print(f"rscaption: cancelled; finished tiles are kept in {args.output} (run again to resume)",
               file=sys.stderr)
@@ -165,6 +177,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_check(sub):
+    p = sub.add_parser("check", help="report damaged tiles of a captioned GeoPackage (--repair re-captions them)")
+    from .check import add_check_args  # light: the store and argparse only
+
+    add_check_args(p)
+    p.set_defaults(func=cmd_check)
+
+
+def cmd_check(args) -> int:
+    from .check import run_check
+
+    return run_check(args)
+
+
 def _add_serve(sub):
     p = sub.add_parser("serve", help="newline-delimited JSON worker on stdin/stdout (used by the QGIS plugin)")
     p.set_defaults(func=cmd_serve)
@@ -200,13 +226,14 @@ def _missing(name, err) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rscaption", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="rscaption", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"rscaption {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_caption(sub)
     _add_search(sub)
     _add_info(sub)
+    _add_check(sub)
     _add_lazy(sub, "train", "training.runner", "train a model from a config file")
     _add_lazy(sub, "evaluate", "evaluation.evaluate", "score a model on a captioning dataset")
     _add_serve(sub)

@@ -21,6 +21,7 @@ for the duration of a commit (a busy timeout covers that).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import store_check
 from .errors import StoreError
 
 GPKG_APPLICATION_ID = 0x47504B47  # "GPKG"
@@ -217,11 +219,11 @@ def _srs_name(wkt: str) -> str:
 class TileStore:
     """One rscaption GeoPackage; safe to share between threads (calls are serialised)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, meta: dict | None = None):
         self._conn = conn
         self.path = path
         self._lock = threading.Lock()
-        meta = self.metadata()
+        meta = self.metadata() if meta is None else meta
         self.embed_dim = int(meta["embed_dim"])
         self.srs_id = int(self._one("SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = ?", TABLE))
 
@@ -313,17 +315,18 @@ class TileStore:
             needed = {TABLE, "rscaption_embeddings", "rscaption_metadata", "gpkg_geometry_columns"}
             if app_id != GPKG_APPLICATION_ID or not needed <= names:
                 raise StoreError(f"{path} is not an rscaption GeoPackage")
-            store = cls(conn, path)
+            meta = store_check.validate(conn, path, TABLE, FORMAT_VERSION)  # types, sizes: one clear line
+            store = cls(conn, path, meta)
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
-            raise StoreError(f"{path} is not an rscaption GeoPackage ({exc})") from None
-        except (StoreError, KeyError, TypeError, ValueError):
+            raise StoreError(f"{path} is not an rscaption GeoPackage or is damaged ({exc})") from None
+        except StoreError:
+            conn.close()
+            raise
+        except (KeyError, TypeError, ValueError):
             conn.close()
             raise StoreError(f"{path} is not an rscaption GeoPackage (metadata missing)") from None
-        if store.metadata().get("rscaption_format", 0) > FORMAT_VERSION:
-            store.close()
-            raise StoreError(f"{path} was written by a newer rscaption (format {FORMAT_VERSION} supported)")
         return store
 
     # -- writing ------------------------------------------------------------------------------------
@@ -384,26 +387,45 @@ class TileStore:
                          [(str(k), json.dumps(v)) for k, v in values.items()])
 
     # -- reading ------------------------------------------------------------------------------------
-    def _one(self, sql, *args):
+    @contextlib.contextmanager
+    def _reading(self):
+        """Serialise a read; a damaged page (sqlite3.DatabaseError) becomes one StoreError line."""
         with self._lock:
+            try:
+                yield
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"cannot read {self.path}: the file is damaged ({exc})") from None
+
+    def _one(self, sql, *args):
+        with self._reading():
             row = self._conn.execute(sql, args).fetchone()
         return None if row is None else row[0]
 
     def metadata(self) -> dict:
-        with self._lock:
+        with self._reading():
             rows = self._conn.execute("SELECT key, value FROM rscaption_metadata").fetchall()
         return {k: json.loads(v) if v is not None else None for k, v in rows}
 
     def done_keys(self) -> set[str]:
-        with self._lock:
+        with self._reading():
             return {r[0] for r in self._conn.execute(f'SELECT tile_key FROM "{TABLE}" WHERE tile_key IS NOT NULL')}
+
+    def damaged(self) -> list:
+        """Tiles whose caption is missing or whose embedding is missing or of the wrong size."""
+        with self._reading():
+            return store_check.damaged_tiles(self._conn, TABLE, self.embed_dim)
+
+    def drop_damaged(self) -> list:
+        """Delete damaged tiles so a resume captions them again; returns what was dropped."""
+        with self._reading():
+            return store_check.drop_damaged(self._conn, TABLE, self.embed_dim)
 
     def count(self) -> int:
         return int(self._one(f'SELECT count(*) FROM "{TABLE}"'))
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of tiles still present in the layer (features deleted in QGIS drop out)."""
-        with self._lock:
+        with self._reading():
             rows = self._conn.execute(
                 f'SELECT tile_id, embedding FROM rscaption_embeddings WHERE tile_id IN (SELECT tile_id FROM "{TABLE}")'
                 " ORDER BY tile_id").fetchall()
@@ -412,13 +434,14 @@ class TileStore:
             return ids, np.zeros((0, self.embed_dim), dtype=np.float32)
         data = b"".join(r[1] for r in rows)
         if len(data) != 4 * self.embed_dim * len(rows):
-            raise StoreError(f"{self.path}: stored embeddings do not match embed_dim {self.embed_dim}")
+            raise StoreError(f"{self.path}: stored embeddings do not match embed_dim {self.embed_dim} "
+                             f"(run 'rscaption check {self.path} --repair')")
         return ids, np.frombuffer(data, dtype="<f4").reshape(len(rows), self.embed_dim).astype(np.float32)
 
     def tiles(self) -> list[dict]:
         """Tile attributes ordered by tile_id, with ``window`` and ``bounds`` (minx, miny, maxx, maxy)."""
         columns = ", ".join(f'"{c}"' for c in _TILE_COLUMNS)
-        with self._lock:
+        with self._reading():
             rows = self._conn.execute(f'SELECT {columns}, "{GEOM}" FROM "{TABLE}" ORDER BY tile_id, fid').fetchall()
         out = []
         for row in rows:

@@ -20,9 +20,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import __version__
-from .errors import Cancelled, StoreError
+from .errors import Cancelled, RasterError, StoreError
 from .gpkg import TileRecord, TileStore
 from .ground import ground_resolution
+from .run_size import check_run_size
 from .tiling import RasterTiler, Tile, TilingParams
 from .tile_size import TileChoice, choose_tile_size
 
@@ -59,6 +60,8 @@ class RunSummary:
 
 def raster_fingerprint(path: str) -> dict:
     """Identify the source raster cheaply but reliably enough to refuse resuming on a changed file."""
+    if os.path.isdir(path):
+        raise RasterError(f"{path} is a directory, not a raster file")
     st = os.stat(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -138,12 +141,17 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                    batch_size: int = 8, device: str | None = None, beam_size: int | None = None,
                    on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
                    resume: bool = True, overwrite: bool = False, language: str = "en",
-                   max_new_tokens: int = 30, tile_choice: TileChoice | None = None) -> RunSummary:
+                   max_new_tokens: int = 30, tile_choice: TileChoice | None = None,
+                   confirm_large: bool = False) -> RunSummary:
     """Caption every (non-nodata) tile of a raster into a searchable GeoPackage.
 
     ``tiling=None`` picks the tile size from the raster's ground resolution (auto); ``tile_choice``
-    only tells the metadata how a caller chose ``tiling.tile_size`` (see :func:`tile_choice_for`)."""
+    only tells the metadata how a caller chose ``tiling.tile_size`` (see :func:`tile_choice_for`).
+    A run planning more than ``run_size.LARGE_RUN_TILES`` tiles raises ``LargeRunError`` before
+    reading any pixel unless ``confirm_large``."""
     t0 = time.perf_counter()
+    if os.path.isdir(out_gpkg):  # --overwrite would otherwise try os.remove() on a folder
+        raise StoreError(f"{out_gpkg} is a directory; give a .gpkg file path for the output")
     cap = _resolve_model(model, device)
     cap.decoder(language)  # an unknown language fails before any output is written
     # the model card's beam width by default: a calibrated confidence was fitted on those captions
@@ -158,11 +166,13 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
     model_id = cap.model_id
 
     with RasterTiler(raster_path, tiling) as tiler:
+        check_run_size(tiler.count_tiles(), confirm_large)
         tiles = tiler.plan()
         store = _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name=str(cap.device),
                             tile_choice=tile_choice)
         try:
             _claim_language(store, language)
+            store.drop_damaged()  # a tile without caption or with a bad embedding is redone, not resumed
             done = store.done_keys()
             keys = {t.tile_id: tile_key(fp["checksum"], t, tiling.tile_size, model_hash) for t in tiles}
             todo = [t for t in tiles if keys[t.tile_id] not in done]

@@ -59,6 +59,9 @@ _OPTIONAL_REQUEST = {
         "model": (str,), "tile_size": (int,), "overlap": (int,), "bands": (list,),
         "extent": (list,), "batch_size": (int,), "device": (str,), "beam_size": (int,),
         "resume": (bool,), "overwrite": (bool,), "target_resolution": _NUM, "language": (str,),
+        # above run_size.LARGE_RUN_TILES tiles the worker refuses (error kind "large_run", with
+        # "tiles" and "seconds") unless this is true: the plugin asks the user, then sends it
+        "confirm_large": (bool,),
     },
     "search": {"k": (int,), "model": (str,), "device": (str,), "min_confidence": _NUM},
     "info": {"model": (str,), "device": (str,)},

@@ -92,12 +92,23 @@ def search_store(gpkg_path: str, query: str, k: int = 10, model=None, device=Non
             if len(tile_ids) == 0:
                 return []
         q = cap.embed_texts([query.strip()])[0]
+        if q.shape[-1] != emb.shape[1]:  # another model's vectors: ranking them would be nonsense
+            raise StoreError(f"{gpkg_path} holds {emb.shape[1]}-d embeddings but model {cap.model_id} "
+                             f"makes {q.shape[-1]}-d ones; search it with the model that captioned it")
         order, scores = rank(q, emb, k)
     hits = []
     for i, s in zip(order, scores):
         t = attrs.get(int(tile_ids[i]), {})
         conf = t.get("confidence")
-        hits.append(SearchHit(tile_id=int(tile_ids[i]), row=int(t.get("row", -1)), col=int(t.get("col", -1)),
-                              score=float(s), caption=str(t.get("caption", "")),
+        hits.append(SearchHit(tile_id=int(tile_ids[i]), row=_int_or(t.get("row"), -1), col=_int_or(t.get("col"), -1),
+                              score=float(s), caption=str(t.get("caption") or ""),
                               confidence=None if conf is None else float(conf)))
     return hits
+
+
+def _int_or(value, default: int) -> int:
+    """A tile's row/col as int; NULL or non-numeric (edited in QGIS, damaged) -> ``default``."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default

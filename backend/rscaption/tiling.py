@@ -142,6 +142,12 @@ def _offsets(start: int, length: int, size: int, stride: int) -> list[tuple[int,
     return [(o, size) for o in offsets]
 
 
+# Tile-size limits (pixels): a tile is one array in memory, and padding beyond the raster is waste.
+MAX_TILE_PX = 8192          # 8192^2 x 3 bytes = 192 MiB per tile before the batch and model copies
+TILE_OVER_RASTER = 4        # a tile may be up to this many times the raster's larger side ...
+PADDING_FREE_TILE_PX = 2048  # ... and always up to this (tiny rasters with the card's tile size)
+
+
 class RasterTiler:
     def __init__(self, path, params: TilingParams | None = None):
         self.path = str(path)
@@ -188,10 +194,33 @@ class RasterTiler:
         self._scale = scale
         self._src_size = tuple(max(1, round(p.tile_size * s)) for s in scale)  # (x, y)
         self._stride = tuple(max(1, round((p.tile_size - p.overlap) * s)) for s in scale)
+        self._check_tile_size()
         shrinking = scale[0] * scale[1] > 1
         self._resampling = Resampling.average if shrinking else Resampling.bilinear
         self._stretch = self._compute_stretch()
         self._plan = None
+
+    def _check_tile_size(self):
+        """Refuse, before any allocation, a tile that cannot fit in memory or is mostly padding
+        (each tile is read whole: ``--tile-size 100000`` would ask numpy for ~28 GiB)."""
+        size = self.params.tile_size
+        if size > MAX_TILE_PX:
+            raise RasterError(f"tile size {size} px is too large: at most {MAX_TILE_PX} px "
+                              "(each tile is read into memory whole)")
+        larger = max(self.region[2] / self._scale[0], self.region[3] / self._scale[1])
+        if size > max(PADDING_FREE_TILE_PX, TILE_OVER_RASTER * larger):
+            raise RasterError(f"tile size {size} px is more than {TILE_OVER_RASTER}x the larger side of "
+                              f"{self.path} ({larger:.0f} px to tile); choose a smaller --tile-size")
+
+    def count_tiles(self) -> int:
+        """How many tiles :meth:`plan` will make, without making them (a huge raster is checked
+        for size before millions of Tile objects exist)."""
+        c0, r0, w, h = self.region
+
+        def along(length, size, stride):
+            return 1 if length <= size else math.ceil((length - size) / stride) + 1
+
+        return along(w, self._src_size[0], self._stride[0]) * along(h, self._src_size[1], self._stride[1])
 
     def _extent_window(self, extent) -> tuple[int, int, int, int]:
         minx, miny, maxx, maxy = extent

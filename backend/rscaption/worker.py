@@ -165,8 +165,9 @@ class Worker:
             self.out.send("done", cmd=cmd, summary=summary)
         except RscaptionError as exc:
             log.info("%s failed: %s", cmd, exc)
-            kind = "cancelled" if type(exc).__name__ == "Cancelled" else "user"
-            self.out.send("error", cmd=cmd, message=str(exc), kind=kind)
+            kind = "cancelled" if type(exc).__name__ == "Cancelled" else getattr(exc, "kind", "user")
+            extra = {"tiles": exc.tiles, "seconds": exc.seconds} if kind == "large_run" else {}
+            self.out.send("error", cmd=cmd, message=str(exc), kind=kind, **extra)
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
             self.out.send("error", cmd=cmd, message=f"{type(exc).__name__}: {exc}", kind="internal")
@@ -223,6 +224,7 @@ class Worker:
             overwrite=bool(req.get("overwrite")),
             language=req.get("language") or "en",
             tile_choice=choice,
+            confirm_large=bool(req.get("confirm_large")),
         )
         return _summary_dict(summary)
 
