@@ -14,6 +14,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from .inprocess_guard import guard_inprocess
 from .paths import ensure_backend_on_path, resolve_model, torch_importable
 from .wording import gui_wording
 
@@ -80,6 +81,7 @@ _MODEL_LOCK = threading.Lock()
 
 def _inprocess_model(name: str, device):
     """Keep one loaded model across tasks so the dock's second query does not reload it."""
+    guard_inprocess()
     from rscaption.models.registry import load_model
 
     key = (name, device)
@@ -91,6 +93,7 @@ def _inprocess_model(name: str, device):
 
 
 def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
+    guard_inprocess()  # before torch: its optional compilers crash the QGIS desktop process
     ensure_backend_on_path()
     import torch  # noqa: F401  (here, on the task thread; never at plugin load)
     from rscaption.errors import RscaptionError
@@ -127,6 +130,7 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
 
 def _inprocess_search(gpkg: str, query: str, k: int, model: str | None, device,
                       min_confidence: float | None = None) -> list[dict]:
+    guard_inprocess()
     ensure_backend_on_path()
     from rscaption.errors import RscaptionError
     from rscaption.gpkg import TileStore

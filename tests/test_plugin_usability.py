@@ -270,3 +270,61 @@ def test_dialog_offers_only_what_can_run_in_a_qgis_python_without_torch(tmp_path
     assert "Set up backend" in out["reason"] and out["button_tip"] == out["reason"]
     assert out["missing_enabled"] is False and "not found" in out["missing_reason"]
     assert out["python_enabled"] is True and out["python_reason"] == ""
+
+
+INPROCESS_RUN = r'''
+import json, sys
+root, raster, out, model = sys.argv[1:5]
+sys.path[:0] = [root, root + "/tests"]
+from qgis.core import QgsApplication
+app = QgsApplication([], False)
+app.initQgis()
+
+def run():
+    from rscaption_plugin.caption_run import CaptionRun
+    from rscaption_plugin.inprocess_guard import compilers_loaded
+    from rscaption_plugin.runner import run_search
+    from test_plugin_support import caption_request, wait_until
+
+    before = "torch" in sys.modules
+    job = CaptionRun(caption_request(raster, out, model, mode="inprocess", tile_size=256), None).start()
+    wait_until(lambda: job.done, 300)
+    hits = run_search(out, "a river", 3, "inprocess", None)
+    print("RESULT " + json.dumps({
+        "torch_before": before, "torch_after": "torch" in sys.modules, "ok": job.outcome.ok,
+        "error": job.outcome.error, "mode": job.backend.get("mode"), "hits": len(hits),
+        "triton": repr(sys.modules.get("triton")), "compilers": compilers_loaded()}))
+    job.layer = None
+
+run()
+sys.stdout.flush()
+app.exitQgis()
+'''
+
+
+def test_inprocess_run_keeps_torch_compilers_out_of_the_process(geotiff, tiny, tmp_path):  # noqa: F811
+    """An in-process caption and search, in a fresh QGIS process whose Python has torch *and*
+    triton installed (this venv): triton (whose libtriton.so crashes the QGIS desktop) and
+    inductor's compiler modules are never loaded. A fresh process because this pytest process
+    has long imported torch, and with it triton, through other tests."""
+    import importlib.util
+    import json
+    import subprocess
+
+    from test_plugin_support import ROOT
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: nothing to keep out")
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    for key in ("TORCH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", INPROCESS_RUN, str(ROOT), str(geotiff("RGB.byte.tif")),
+                           str(tmp_path / "inproc.gpkg"), tiny], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=str(tmp_path))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["torch_before"] is False and out["torch_after"] is True
+    assert out["ok"], out["error"]
+    assert out["mode"] == "inprocess" and out["hits"] == 3
+    assert out["triton"] == "None" and out["compilers"] == []
