@@ -25,7 +25,13 @@ _EOF = object()
 
 
 class BackendError(RuntimeError):
-    """The backend failed or vanished; the message is meant for the user."""
+    """The backend failed or vanished; the message is meant for the user. ``kind`` and ``details``
+    carry the worker's error message (e.g. kind ``large_run`` with ``tiles`` and ``seconds``)."""
+
+    def __init__(self, message: str, kind: str | None = None, details: dict | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.details = dict(details or {})
 
 
 class BackendClient:
@@ -218,7 +224,7 @@ class BackendClient:
             if msg["type"] == "error":
                 if msg.get("kind") == "protocol" and msg.get("cmd") is None:
                     raise BackendError(f"backend rejected the request: {msg['message']}")
-                raise BackendError(msg["message"])
+                raise BackendError(msg["message"], kind=msg.get("kind"), details=msg)
 
 
 class ClientPool:

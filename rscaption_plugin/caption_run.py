@@ -12,12 +12,16 @@ import time
 from qgis.core import Qgis, QgsApplication, QgsProject
 
 from .layers import find_tile_layer, has_tile_table, open_tile_layer, refresh_layer, settle_store
+from .large_run import ask_large_run, declined_text
 from .tasks import CaptionTask, Outcome, log
 
 
 class CaptionRun:
-    def __init__(self, request, iface=None, on_done=None, refresh_s: float = 0.5, add_to_project: bool = True):
+    def __init__(self, request, iface=None, on_done=None, refresh_s: float = 0.5, add_to_project: bool = True,
+                 confirm_large=None):
         self.request = request
+        # (info) -> bool on the GUI thread for a run above the backend's tile threshold; default: ask
+        self.confirm_large = confirm_large or (lambda info: ask_large_run(info, iface))
         self.iface = iface
         self.on_done = on_done
         self.refresh_s = refresh_s
@@ -30,11 +34,16 @@ class CaptionRun:
         self.progress_seen: list[float] = []
         self._last_refresh = 0.0
         self._committed: int | None = None  # tiles in the file after a failed or cancelled run
-        self.task = CaptionTask(request.job, request.mode, request.python, on_finished=self._finished,
-                                description=f"rscaption: caption {request.layer_name}")
-        self.task.tilesAdded.connect(self._tiles_added)
-        self.task.backendReady.connect(self._backend_ready)
-        self.task.progressChanged.connect(self.progress_seen.append)
+        self.task = self._new_task()
+
+    def _new_task(self) -> CaptionTask:
+        request = self.request
+        task = CaptionTask(request.job, request.mode, request.python, on_finished=self._finished,
+                           description=f"rscaption: caption {request.layer_name}")
+        task.tilesAdded.connect(self._tiles_added)
+        task.backendReady.connect(self._backend_ready)
+        task.progressChanged.connect(self.progress_seen.append)
+        return task
 
     @property
     def done(self) -> bool:
@@ -89,6 +98,13 @@ class CaptionRun:
         self._last_refresh = time.monotonic()
 
     def _finished(self, outcome: Outcome) -> None:
+        if outcome.large_run and not self.request.job.confirm_large:
+            if self.confirm_large(outcome.large_run):  # asked here, on the GUI thread
+                self.request.job.confirm_large = True
+                self.task = self._new_task()  # the refused task read no pixel: start it again, confirmed
+                self.start()
+                return
+            outcome.error = declined_text(outcome.large_run)
         self.outcome = outcome
         if not outcome.ok:  # the writer may have died mid-transaction: roll that back first
             self._committed = settle_store(self.request.job.out)

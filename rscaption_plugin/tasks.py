@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from qgis.core import QgsMessageLog, QgsTask, Qgis
 from qgis.PyQt.QtCore import pyqtSignal
 
-from .runner import Callbacks, CaptionJob, RunError, run_caption, run_search
+from .runner import Callbacks, CaptionJob, LargeRunRefused, RunError, run_caption, run_search
 
 LOG_TAG = "rscaption"
 
@@ -31,6 +31,7 @@ class Outcome:
     summary: dict = field(default_factory=dict)
     hits: list = field(default_factory=list)
     backend: dict = field(default_factory=dict)
+    large_run: dict | None = None  # {"tiles", "seconds", "message"}: refused until the user confirms
 
 
 class CaptionTask(QgsTask):
@@ -69,6 +70,8 @@ class CaptionTask(QgsTask):
         except RunError as exc:
             self.outcome.error = str(exc)
             self.outcome.cancelled = self.isCanceled()
+            if isinstance(exc, LargeRunRefused):  # the GUI thread asks the user (caption_run)
+                self.outcome.large_run = {"tiles": exc.tiles, "seconds": exc.seconds, "message": str(exc)}
             return False
         except Exception as exc:  # never let an exception escape into QGIS's thread pool
             self.outcome.error = f"{type(exc).__name__}: {exc}"
