@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# Tests must not write beside their inputs: opening a raster in QGIS (layer creation computes band
+# statistics for the default contrast stretch) or GDAL statistics otherwise leave `<name>.aux.xml`
+# next to the shared rasters. GDAL reads this option at each use, so setting it here is enough even
+# though pytest-qgis started QGIS before this file was imported. (test_no_side_files checks it.)
+os.environ["GDAL_PAM_ENABLED"] = "NO"
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RSCAPTION_SHARED_DATA", ROOT.parent / "shared" / "data"))
 GEOTIFF_DIR = SHARED_DATA / "geotiff"
