@@ -177,6 +177,46 @@ def read_config(directory) -> dict:
     return config
 
 
+_FILE_KEYS = ("weights", "path")        # files or folders inside the checkpoint
+_NAME_KEYS = ("name", "pretrained")     # public model names / tags, never local paths
+
+
+def check_file_refs(config: dict, directory: Path) -> None:
+    """Refuse a config that names files outside its own directory (``"../evil.safetensors"``, an
+    absolute path, a "hub name" that is really a local path): a checkpoint is a self-contained
+    folder, so a downloaded one can never make us read, hash or unpickle anything else on disk.
+    A dict with a ``path`` (a decoder entry) is the base for the files named inside it."""
+    directory = Path(directory).resolve()
+
+    def inside(base: Path, value: str) -> bool:
+        target = (base / value).resolve()
+        return not os.path.isabs(value) and (target == directory or directory in target.parents)
+
+    def walk(node, base: Path, where: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, base, f"{where}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        own = node.get("path")
+        child_base = base / own if isinstance(own, str) and inside(base, own) else base
+        for key, value in node.items():
+            here = f"{where}.{key}" if where else str(key)
+            if key == "card":  # free-form model card text
+                continue
+            if isinstance(value, str):
+                if key in _FILE_KEYS and value != "hub" and not inside(base, value):
+                    raise ModelError(f"checkpoint {directory}: config '{here}' points outside the checkpoint: {value}")
+                if key in _NAME_KEYS and (os.path.isabs(value) or value.startswith((".", "~")) or ".." in value):
+                    raise ModelError(f"checkpoint {directory}: config '{here}' must be a public model name, "
+                                     f"not a path: {value}")
+            else:
+                walk(value, child_base, here)
+
+    walk(config, directory, "")
+
+
 def _load_lm(cfg: dict, directory: Path):
     from transformers import AutoModelForCausalLM
 
@@ -217,6 +257,7 @@ def load_checkpoint(directory, device=None, dtype=None) -> Captioner:
 def _load_checkpoint(directory, device=None, dtype=None) -> Captioner:
     directory = Path(directory).resolve()
     config = read_config(directory)
+    check_file_refs(config, directory)
     try:
         encoder = build_encoder(config["encoder"], directory)
         mapping = lm = tokenizer = None
