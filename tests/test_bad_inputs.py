@@ -71,6 +71,11 @@ def one_error_line(err: str) -> str:
 def test_directory_as_raster(tmp_path, capsys, tiny_dir):
     rc, err = run_main(capsys, "caption", tmp_path, "-o", tmp_path / "o.gpkg", "--model", tiny_dir)
     assert rc == 2 and one_error_line(err) == f"rscaption: error: {tmp_path} is a directory, not a raster file"
+    from rscaption.errors import RasterError
+    from rscaption.pipeline import caption_raster  # the worker's and the plugin's path
+
+    with pytest.raises(RasterError, match="is a directory, not a raster file"):
+        caption_raster(str(tmp_path), str(tmp_path / "o.gpkg"), model=tiny_dir, device="cpu")
 
 
 def test_huge_tile_size_is_refused_before_allocating(tmp_path, capsys, tiny_dir):
@@ -159,22 +164,31 @@ def test_search_with_null_row_and_col(tmp_path, capsys, good_gpkg):
     assert [(h["row"], h["col"]) for h in hits] == [(-1, -1), (-1, -1)]
 
 
-def corrupt(path):
+def corrupt(path, table=None):
+    """Scramble every page but the header one, or only the root page of ``table`` (the file then
+    opens and its metadata reads fine; the damage shows when the tiles are read)."""
+    con = sqlite3.connect(path)
+    page = con.execute("PRAGMA page_size").fetchone()[0]
+    root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    con.close()
     data = bytearray(open(path, "rb").read())
-    page = int.from_bytes(data[16:18], "big") or 65536
-    for i in range(page, len(data)):  # keep the header page, scramble every other page
+    start, end = ((root[0] - 1) * page, root[0] * page) if table else (page, len(data))
+    for i in range(start, end):
         data[i] = (i * 7919) % 251
     open(path, "wb").write(bytes(data))
 
 
-def test_search_on_a_corrupted_geopackage(tmp_path, capsys, good_gpkg):
+@pytest.mark.parametrize("table", [None, "tiles"])
+def test_search_on_a_corrupted_geopackage(tmp_path, capsys, good_gpkg, table):
     out = copy_of(good_gpkg, tmp_path)
-    corrupt(out)
+    corrupt(out, table)
     rc, err = run_main(capsys, "search", out, "houses")
     assert rc == 2
     line = one_error_line(err)
-    assert line.startswith(f"rscaption: error: {out}") or line.startswith(f"rscaption: error: cannot read {out}")
-    assert "malformed" in line or "not a database" in line
+    if table:
+        assert line == f"rscaption: error: cannot read {out}: the file is damaged (database disk image is malformed)"
+    else:
+        assert line.startswith(f"rscaption: error: {out} is not an rscaption GeoPackage or is damaged (")
 
 
 # -- argument errors ----------------------------------------------------------------------------------

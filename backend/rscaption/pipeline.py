@@ -150,6 +150,8 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
     A run planning more than ``run_size.LARGE_RUN_TILES`` tiles raises ``LargeRunError`` before
     reading any pixel unless ``confirm_large``."""
     t0 = time.perf_counter()
+    if os.path.isdir(raster_path):  # say so, rather than GDAL's "not recognized" or IsADirectoryError
+        raise RasterError(f"{raster_path} is a directory, not a raster file")
     if os.path.isdir(out_gpkg):  # --overwrite would otherwise try os.remove() on a folder
         raise StoreError(f"{out_gpkg} is a directory; give a .gpkg file path for the output")
     cap = _resolve_model(model, device)
