@@ -156,7 +156,8 @@ def test_cli_caption_then_search_json(tmp_path, tiny_model_dir):
     r = run_cli("search", out, "snow covered mountains", "-k", "3", "--json")
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)
-    assert len(hits) == 3 and set(hits[0]) == {"tile_id", "row", "col", "score", "caption"}
+    assert len(hits) == 3 and set(hits[0]) == {"tile_id", "row", "col", "score", "caption", "confidence"}
+    assert all(0.0 <= h["confidence"] <= 1.0 for h in hits)
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     r = run_cli("info", tiny_model_dir)
     assert r.returncode == 0 and "prefix" in r.stdout.lower()
