@@ -11,7 +11,8 @@ import time
 
 from qgis.core import Qgis, QgsApplication, QgsProject
 
-from .layers import find_tile_layer, has_tile_table, open_tile_layer, refresh_layer, settle_store
+from .layers import (find_tile_layer, has_tile_table, open_tile_layer, refresh_layer, settle_store,
+                     store_default_style)
 from .large_run import ask_large_run, declined_text
 from .tasks import CaptionTask, Outcome, log
 
@@ -112,6 +113,11 @@ class CaptionRun:
                 log(f"cannot read {self.request.job.out} after the run")
         self._ensure_layer()
         if self.layer is not None:
+            # the writer is done with the file: store its style, then reload the layer (the style
+            # write checkpoints the WAL, which a reader opened during the run must notice)
+            problem = store_default_style(self.request.job.out)
+            if problem:
+                log(f"style not saved into {self.request.job.out}: {problem}")
             refresh_layer(self.layer)
         summary = outcome.summary or {}
         if outcome.ok:

@@ -17,6 +17,7 @@ from qgis.PyQt.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QListView,
     QListWidget,
     QListWidgetItem,
     QPushButton,
@@ -25,7 +26,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .layers import apply_default_style, apply_score_style, gpkg_path_of, is_tile_layer, select_tiles, zoom_to_tile
+from .layers import (apply_default_style, apply_score_style, gpkg_path_of, is_tile_layer, select_tiles,
+                     translucent_selection, zoom_to_tile)
 from .settings import PluginSettings
 from .tasks import SearchTask
 
@@ -43,7 +45,9 @@ class SearchDock(QgsDockWidget):
         self.searching = False
         self.task: SearchTask | None = None
         self.backend: dict = {}
+        self._hits_layer_id: str | None = None  # the layer the listed hits belong to
         self._build()
+        QgsProject.instance().layersWillBeRemoved.connect(self._layers_removed)
 
     def _build(self) -> None:
         body = QWidget()
@@ -89,6 +93,10 @@ class SearchDock(QgsDockWidget):
         self.style_check.setChecked(True)
         lay.addWidget(self.style_check)
         self.results = QListWidget()
+        # long captions wrap at word boundaries (never cut mid-word); the tooltip has the full text
+        self.results.setWordWrap(True)
+        self.results.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.results.setResizeMode(QListView.ResizeMode.Adjust)
         self.results.currentRowChanged.connect(self._current_changed)
         self.results.itemClicked.connect(lambda item: self.zoom_to_row(self.results.row(item)))
         lay.addWidget(self.results, 1)
@@ -108,6 +116,28 @@ class SearchDock(QgsDockWidget):
     # -- search ----------------------------------------------------------------------------------
     def set_layer(self, layer) -> None:
         self.layer_combo.setLayer(layer)
+
+    def detach(self) -> None:
+        """Stop listening to the project (the plugin calls this when it unloads)."""
+        try:
+            QgsProject.instance().layersWillBeRemoved.disconnect(self._layers_removed)
+        except (TypeError, RuntimeError):
+            pass
+
+    def _layers_removed(self, layer_ids) -> None:
+        if self._hits_layer_id is not None and self._hits_layer_id in list(layer_ids):
+            self.clear_hits("the layer was removed: hits cleared")
+
+    def clear_hits(self, message: str = "") -> None:
+        """Forget the listed hits; their layer (if still there) loses the selection and highlight."""
+        layer = QgsProject.instance().mapLayer(self._hits_layer_id) if self._hits_layer_id else None
+        self._hits_layer_id = None
+        self.hits = []
+        self.results.clear()
+        if layer is not None:
+            layer.removeSelection()
+            apply_default_style(layer)
+        self._status(message)
 
     def search(self, query: str | None = None) -> SearchTask | None:
         if query is not None:
@@ -151,6 +181,7 @@ class SearchDock(QgsDockWidget):
     def show_hits(self, hits: list[dict], layer=None) -> None:
         layer = layer or self.layer_combo.currentLayer()
         self.hits = list(hits)
+        self._hits_layer_id = layer.id() if layer is not None else None
         self.results.blockSignals(True)
         self.results.clear()
         for rank, hit in enumerate(self.hits, 1):
@@ -165,6 +196,8 @@ class SearchDock(QgsDockWidget):
         self.results.blockSignals(False)
         if layer is not None:
             select_tiles(layer, [h["tile_id"] for h in self.hits])
+            if self.iface is not None:  # QGIS's opaque yellow would hide the imagery under a zoomed hit
+                translucent_selection(self.iface.mapCanvas())
             if self.style_check.isChecked():
                 apply_score_style(layer, self.hits)
             else:

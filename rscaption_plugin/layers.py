@@ -16,13 +16,19 @@ from qgis.core import (
     QgsFeatureRequest,
     QgsFillSymbol,
     QgsLinePatternFillSymbolLayer,
+    QgsPalLayerSettings,
     QgsProject,
     QgsProviderRegistry,
     QgsRectangle,
     QgsRuleBasedRenderer,
+    QgsTextBufferSettings,
+    QgsTextFormat,
+    QgsUnitTypes,
     QgsVectorLayer,
+    QgsVectorLayerSimpleLabeling,
 )
 from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtXml import QDomDocument
 
 TILE_LAYER = "tiles"
 META_TABLE = "rscaption_metadata"
@@ -148,13 +154,110 @@ def tile_rules(root) -> None:
 
 def apply_default_style(layer: QgsVectorLayer) -> None:
     """Transparent fill and a thin bright outline: the imagery stays visible under the grid;
-    low-confidence tiles are dashed and hatched so a reader knows which captions to doubt."""
+    low-confidence tiles are dashed and hatched so a reader knows which captions to doubt;
+    captions as map tips, and as labels once a tile is large enough on screen to carry one."""
     root = QgsRuleBasedRenderer.Rule(None)
     tile_rules(root)
     layer.setRenderer(QgsRuleBasedRenderer(root))
     layer.setMapTipTemplate(MAP_TIP)
     layer.setDisplayExpression('"caption"')
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(caption_label_settings(label_scale(layer))))
+    layer.setLabelsEnabled(True)
     layer.triggerRepaint()
+
+
+#: A caption label is shown once a tile is at least this wide on screen (metres of paper).
+LABEL_TILE_WIDTH_M = 0.035
+
+
+def label_scale(layer: QgsVectorLayer, fallback: float = 5000.0) -> float:
+    """The most zoomed-out scale (denominator) at which captions are labelled: where one tile is
+    about 35 mm wide on screen. Computed from a tile's width, so it fits any ground resolution."""
+    feat = next(layer.getFeatures(QgsFeatureRequest().setLimit(1)), None) if layer.isValid() else None
+    if feat is None or not feat.hasGeometry():
+        return fallback
+    width = feat.geometry().boundingBox().width()
+    units = layer.crs().mapUnits() if layer.crs().isValid() else QgsUnitTypes.DistanceUnit.DistanceUnknownUnit
+    if units == QgsUnitTypes.DistanceUnit.DistanceDegrees:
+        width *= 111_320.0  # at the equator; a label threshold needs no more precision
+    elif units != QgsUnitTypes.DistanceUnit.DistanceUnknownUnit:
+        width *= QgsUnitTypes.fromUnitToUnitFactor(units, QgsUnitTypes.DistanceUnit.DistanceMeters)
+    return float(min(1_000_000.0, max(250.0, width / LABEL_TILE_WIDTH_M)))
+
+
+def caption_label_settings(max_scale_denominator: float) -> QgsPalLayerSettings:
+    """The caption over the tile centre, wrapped, with a white halo; hidden when zoomed out."""
+    settings = QgsPalLayerSettings()
+    settings.fieldName = "caption"
+    settings.isExpression = False
+    settings.placement = QgsPalLayerSettings.OverPoint
+    settings.autoWrapLength = 22
+    settings.scaleVisibility = True
+    settings.minimumScale = max_scale_denominator  # QGIS: "minimum" = most zoomed out
+    settings.maximumScale = 0.0
+    fmt = QgsTextFormat()
+    fmt.setSize(8)
+    fmt.setColor(QColor(20, 20, 20))
+    buffer = QgsTextBufferSettings()
+    buffer.setEnabled(True)
+    buffer.setSize(1.0)
+    buffer.setColor(QColor(255, 255, 255, 220))
+    fmt.setBuffer(buffer)
+    settings.setFormat(fmt)
+    return settings
+
+
+STYLE_NAME = "rscaption"
+
+
+def store_default_style(gpkg: str) -> str | None:
+    """Save the default style into the GeoPackage (``layer_styles``, marked default), so the file
+    looks the same when reopened or shared: outlines, low-confidence marks, map tips, labels.
+    Returns an error message, or None. Called once the writer is done with the file.
+
+    The row is written with sqlite3 (the table and columns QGIS's OGR provider reads) rather than
+    ``saveStyleToDatabase``: that opens the file in update mode through OGR's shared dataset, which
+    waited forever behind the run layer's own connection to the same file."""
+    if not has_tile_table(gpkg):
+        return "no tiles table yet"
+    layer = QgsVectorLayer(layer_uri(gpkg), STYLE_NAME, "ogr")
+    if not layer.isValid():
+        return f"cannot open {gpkg}"
+    apply_default_style(layer)
+    doc = QDomDocument()
+    error = layer.exportNamedStyle(doc)
+    del layer
+    if error:
+        return error
+    try:
+        con = sqlite3.connect(gpkg, timeout=10)
+        try:
+            with con:
+                _write_style_row(con, doc.toString())
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return str(exc)
+    return None
+
+
+def _write_style_row(con, qml: str) -> None:
+    con.execute("CREATE TABLE IF NOT EXISTS layer_styles (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256), "
+                "f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT, "
+                "useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30), "
+                "update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))")
+    con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, last_change) "
+                "VALUES ('layer_styles', 'attributes', 'layer_styles', strftime('%Y-%m-%dT%H:%M:%fZ','now'))")
+    row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (TILE_LAYER,)).fetchone()
+    geom = row[0] if row else "geom"
+    con.execute("UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ?", (TILE_LAYER,))
+    con.execute("DELETE FROM layer_styles WHERE f_table_name = ? AND styleName = ?", (TILE_LAYER, STYLE_NAME))
+    con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
+                "styleName, styleQML, styleSLD, useAsDefault, description, owner, ui) "
+                "VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '')",
+                (TILE_LAYER, geom, STYLE_NAME, qml, "rscaption: tile outlines, low-confidence tiles marked, "
+                 "captions as map tips and labels"))
 
 
 def apply_score_style(layer: QgsVectorLayer, hits: list[dict]) -> None:
@@ -173,7 +276,7 @@ def apply_score_style(layer: QgsVectorLayer, hits: list[dict]) -> None:
                and (a <= h["score"] <= z if b == bands - 1 else a <= h["score"] < z)]
         if not ids:
             continue
-        alpha = 60 + int(150 * (b + 1) / bands)
+        alpha = 25 + int(75 * (b + 1) / bands)  # at most 100/255: the imagery shows through
         sym = outline_symbol(QColor(255, 60, 0), 0.8, QColor(255, 90, 0, alpha))
         rule = QgsRuleBasedRenderer.Rule(sym, 0, 0, tile_filter(ids), f"score {a:.3f} – {z:.3f}")
         root.appendChild(rule)
@@ -182,6 +285,22 @@ def apply_score_style(layer: QgsVectorLayer, hits: list[dict]) -> None:
     root.appendChild(others)
     layer.setRenderer(QgsRuleBasedRenderer(root))
     layer.triggerRepaint()
+
+
+#: Alpha of the canvas selection colour while search hits are selected (0-255).
+SELECTION_ALPHA = 90
+
+
+def translucent_selection(canvas) -> None:
+    """Keep the selection colour's hue but make it see-through: QGIS draws selected features in
+    opaque yellow by default, so a zoomed-in hit would be a solid square over the imagery."""
+    if canvas is None:
+        return
+    color = QColor(canvas.selectionColor())
+    if color.alpha() > SELECTION_ALPHA:
+        color.setAlpha(SELECTION_ALPHA)
+        canvas.setSelectionColor(color)
+        canvas.refresh()
 
 
 def tile_filter(tile_ids) -> str:

@@ -64,6 +64,7 @@ class RscaptionPlugin:
             self.toolbar.deleteLater()
             self.toolbar = None
         if self.dock is not None:
+            self.dock.detach()
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None

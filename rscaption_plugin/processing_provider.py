@@ -161,6 +161,11 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
         if summary.get("cancelled"):
             feedback.reportError(f"cancelled; {summary.get('written')} finished tiles kept in {out}")
         if os.path.exists(out):
+            from .layers import store_default_style
+
+            problem = store_default_style(out)  # the file carries its own style (reopened, shared)
+            if problem:
+                feedback.pushInfo(f"style not saved into {out}: {problem}")
             details = QgsProcessingContext.LayerDetails(f"{layer.name()} captions", context.project(), self.OUTPUT)
             context.addLayerToLoadOnCompletion(f"{out}|layername=tiles", details)
         return {self.OUTPUT: out, "WRITTEN": summary.get("written", 0), "SUMMARY": json.dumps(summary)}

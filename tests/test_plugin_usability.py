@@ -328,3 +328,77 @@ def test_inprocess_run_keeps_torch_compilers_out_of_the_process(geotiff, tiny, t
     assert out["ok"], out["error"]
     assert out["mode"] == "inprocess" and out["hits"] == 3
     assert out["triton"] == "None" and out["compilers"] == []
+
+
+def test_output_carries_its_style_through_export_and_reopen(plugin, geotiff, tiny, tmp_path):  # noqa: F811
+    """Caption -> export -> reopen in a fresh project: the file's default style (``layer_styles``)
+    gives the rule renderer with the low-confidence rule, the caption map tip and scale-limited
+    caption labels, with no fill that hides the imagery."""
+    import sqlite3
+
+    from qgis.core import QgsVectorLayer
+
+    from rscaption_plugin.layers import LOW_CONFIDENCE, MAP_TIP
+
+    run = plugin.start_caption(caption_request(geotiff("RGB.byte.tif"), tmp_path / "styled.gpkg", tiny,
+                                               tile_size=256))
+    assert wait_until(lambda: run.done, 180) and run.outcome.ok, run.outcome.error
+    plugin.iface.setActiveLayer(run.layer)
+    exported = plugin.export_active_layer(str(tmp_path / "shared.gpkg"))
+    assert exported
+    con = sqlite3.connect(exported)
+    try:
+        assert con.execute("SELECT COUNT(*) FROM layer_styles WHERE useAsDefault").fetchone()[0] == 1
+    finally:
+        con.close()
+    QgsProject.instance().clear()
+
+    reopened = QgsVectorLayer(f"{exported}|layername=tiles", "reopened", "ogr")
+    assert reopened.isValid()
+    QgsProject.instance().addMapLayer(reopened)
+    renderer = reopened.renderer()
+    assert renderer.type() == "RuleRenderer"
+    rules = renderer.rootRule().children()
+    assert any(r.filterExpression() == f'"confidence" < {LOW_CONFIDENCE}' for r in rules)
+    for rule in rules:
+        fill = rule.symbol().symbolLayer(0)
+        assert fill.fillColor().alpha() == 0 and fill.strokeWidth() <= 0.5
+    assert reopened.mapTipTemplate() == MAP_TIP
+    assert reopened.labelsEnabled()
+    labels = reopened.labeling().settings()
+    assert labels.fieldName == "caption" and labels.scaleVisibility and labels.minimumScale > 0
+
+
+def test_dock_highlight_leaves_the_imagery_visible(plugin, captioned):  # noqa: F811
+    """After a search the hits are selected in a see-through colour and filled at most half
+    opaque; when the dock's layer is removed its old hits are cleared."""
+    from qgis.core import QgsRenderContext, QgsVectorLayer
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    canvas = plugin.iface.mapCanvas()
+    from qgis.PyQt.QtGui import QColor
+
+    canvas.setSelectionColor(QColor(255, 255, 0, 255))  # QGIS's default: opaque yellow
+    layer = QgsVectorLayer(f"{captioned}|layername=tiles", "tiles", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    _type(dock.query_edit, "a river with green fields")
+    QTest.keyClick(dock.query_edit, Qt.Key.Key_Return)
+    assert wait_until(lambda: not dock.searching, 120) and dock.error is None, dock.error
+    assert dock.hits and layer.selectedFeatureCount() == len(dock.hits)
+    assert canvas.selectionColor().alpha() < 128
+    ctx = QgsRenderContext()
+    renderer = layer.renderer()
+    renderer.startRender(ctx, layer.fields())
+    try:
+        for feat in layer.getFeatures():
+            for sym in renderer.symbolsForFeature(feat, ctx):
+                assert sym.symbolLayer(0).fillColor().alpha() <= 127
+    finally:
+        renderer.stopRender(ctx)
+
+    QgsProject.instance().removeMapLayer(layer.id())
+    assert dock.hits == [] and dock.results.count() == 0
+    assert "hits cleared" in dock.status.text()
