@@ -389,6 +389,8 @@ def test_dock_highlight_leaves_the_imagery_visible(plugin, captioned):  # noqa: 
     assert wait_until(lambda: not dock.searching, 120) and dock.error is None, dock.error
     assert dock.hits and layer.selectedFeatureCount() == len(dock.hits)
     assert canvas.selectionColor().alpha() < 128
+    assert dock.results.wordWrap()  # long captions wrap at words; the tooltip has the whole caption
+    assert dock.results.item(0).toolTip().startswith(dock.hits[0]["caption"])
     ctx = QgsRenderContext()
     renderer = layer.renderer()
     renderer.startRender(ctx, layer.fields())
@@ -402,3 +404,50 @@ def test_dock_highlight_leaves_the_imagery_visible(plugin, captioned):  # noqa: 
     QgsProject.instance().removeMapLayer(layer.id())
     assert dock.hits == [] and dock.results.count() == 0
     assert "hits cleared" in dock.status.text()
+
+
+def test_dialog_remembers_choices_and_has_help(qgis_iface, qgis_new_project, fresh_settings, geotiff, tiny,
+                                              tmp_path):  # noqa: F811
+    """Mode, output choice and path chosen with the keyboard and mouse come back in the next
+    dialog; Help opens a help window beside the dialog."""
+    from qgis.PyQt.QtCore import Qt
+
+    dlg = _dialog(qgis_iface, geotiff, tiny)
+    while dlg.mode_combo.currentData() != "subprocess":
+        _key(dlg.mode_combo, Qt.Key.Key_Down)
+    _type(dlg.python_edit, sys.executable)
+    _key(dlg.output_combo, Qt.Key.Key_Down)
+    path = str(tmp_path / "kept.gpkg")
+    _type(dlg.output_file.lineEdit(), path)
+    _click(dlg.caption_button)
+    assert dlg.request is not None and dlg.request.mode == "subprocess" and dlg.request.job.out == path
+
+    again = _dialog(qgis_iface, geotiff, tiny)
+    assert again.mode_combo.currentData() == "subprocess"
+    assert again.output_combo.currentData() == "file" and again.output_file.isEnabled()
+    assert again.output_file.filePath() == path
+
+    _click(again.help_button)
+    assert again.help_box is not None and again.help_box.isVisible() and not again.help_box.isModal()
+    assert "Resume" in again.help_box.text() and "In-process" in again.help_box.text()
+    again.help_box.close()
+
+
+def test_model_card_text_is_cut_at_a_word_with_the_whole_text_as_tooltip(qgis_iface, qgis_new_project,
+                                                                        fresh_settings, geotiff, tiny, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    model = tmp_path / "described"
+    shutil.copytree(tiny, model)
+    config = json.loads((model / "config.json").read_text())
+    words = ["captions"] + [f"remote{i:02d}sensing" for i in range(30)]
+    config.setdefault("card", {})["description"] = " ".join(words)
+    (model / "config.json").write_text(json.dumps(config))
+    dlg = _dialog(qgis_iface, geotiff, str(model))
+    shown = dlg.card_label.text()
+    assert dlg.card_label.wordWrap()
+    assert shown.endswith("…")
+    tail = shown.rstrip("…").split()[-1]
+    assert tail in words  # a whole word before the ellipsis, never half of one
+    assert config["card"]["description"] in dlg.card_label.toolTip()
