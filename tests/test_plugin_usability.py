@@ -374,11 +374,10 @@ def test_dock_highlight_leaves_the_imagery_visible(plugin, captioned):  # noqa: 
     opaque; when the dock's layer is removed its old hits are cleared."""
     from qgis.core import QgsRenderContext, QgsVectorLayer
     from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtGui import QColor
     from qgis.PyQt.QtTest import QTest
 
     canvas = plugin.iface.mapCanvas()
-    from qgis.PyQt.QtGui import QColor
-
     canvas.setSelectionColor(QColor(255, 255, 0, 255))  # QGIS's default: opaque yellow
     layer = QgsVectorLayer(f"{captioned}|layername=tiles", "tiles", "ogr")
     QgsProject.instance().addMapLayer(layer)
