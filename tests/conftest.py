@@ -47,3 +47,12 @@ def geotiff():
 def tmp_gpkg(tmp_path) -> Path:
     """A not-yet-existing .gpkg path in a fresh temporary folder."""
     return tmp_path / "out.gpkg"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random captioner saved as a checkpoint directory, one per session (plumbing tests;
+    its captions are noise)."""
+    from test_plugin_support import tiny_model_dir as saved_tiny_model
+
+    return saved_tiny_model(tmp_path_factory)

@@ -22,22 +22,13 @@ from rscaption.gpkg import TileStore, _register_functions
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from rscaption.models.tiny import build_tiny_captioner
-
-    d = tmp_path_factory.mktemp("tiny_model")
-    build_tiny_captioner().save(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def good_gpkg(tmp_path_factory, tiny_dir):
+def good_gpkg(tmp_path_factory, tiny_model_dir):
     """One small real output (RGB.byte.tif, 256 px tiles) that each test copies and damages."""
     from rscaption.pipeline import caption_raster
     from rscaption.tiling import TilingParams
 
     out = tmp_path_factory.mktemp("good") / "good.gpkg"
-    caption_raster(str(geotiff_path("RGB.byte.tif")), str(out), model=tiny_dir,
+    caption_raster(str(geotiff_path("RGB.byte.tif")), str(out), model=tiny_model_dir,
                    tiling=TilingParams(tile_size=256), device="cpu")
     return out
 
@@ -68,33 +59,33 @@ def one_error_line(err: str) -> str:
 
 
 # -- caption ----------------------------------------------------------------------------------------
-def test_directory_as_raster(tmp_path, capsys, tiny_dir):
-    rc, err = run_main(capsys, "caption", tmp_path, "-o", tmp_path / "o.gpkg", "--model", tiny_dir)
+def test_directory_as_raster(tmp_path, capsys, tiny_model_dir):
+    rc, err = run_main(capsys, "caption", tmp_path, "-o", tmp_path / "o.gpkg", "--model", tiny_model_dir)
     assert rc == 2 and one_error_line(err) == f"rscaption: error: {tmp_path} is a directory, not a raster file"
     from rscaption.errors import RasterError
     from rscaption.pipeline import caption_raster  # the worker's and the plugin's path
 
     with pytest.raises(RasterError, match="is a directory, not a raster file"):
-        caption_raster(str(tmp_path), str(tmp_path / "o.gpkg"), model=tiny_dir, device="cpu")
+        caption_raster(str(tmp_path), str(tmp_path / "o.gpkg"), model=tiny_model_dir, device="cpu")
 
 
-def test_huge_tile_size_is_refused_before_allocating(tmp_path, capsys, tiny_dir):
+def test_huge_tile_size_is_refused_before_allocating(tmp_path, capsys, tiny_model_dir):
     raster = geotiff_path("RGB.byte.tif")
-    rc, err = run_main(capsys, "caption", raster, "-o", tmp_path / "o.gpkg", "--model", tiny_dir,
+    rc, err = run_main(capsys, "caption", raster, "-o", tmp_path / "o.gpkg", "--model", tiny_model_dir,
                        "--tile-size", "100000")
     assert rc == 2
     assert one_error_line(err) == ("rscaption: error: tile size 100000 px is too large: at most 8192 px "
                                    "(each tile is read into memory whole)")
-    rc, err = run_main(capsys, "caption", raster, "-o", tmp_path / "o.gpkg", "--model", tiny_dir,
+    rc, err = run_main(capsys, "caption", raster, "-o", tmp_path / "o.gpkg", "--model", tiny_model_dir,
                        "--tile-size", "5000")
     assert rc == 2 and "more than 4x the larger side" in one_error_line(err) and "791 px" in err
     assert not (tmp_path / "o.gpkg").exists()
 
 
-def test_overwrite_onto_a_directory(tmp_path, capsys, tiny_dir):
+def test_overwrite_onto_a_directory(tmp_path, capsys, tiny_model_dir):
     out = tmp_path / "dir.gpkg"
     out.mkdir()
-    rc, err = run_main(capsys, "caption", geotiff_path("RGB.byte.tif"), "-o", out, "--model", tiny_dir,
+    rc, err = run_main(capsys, "caption", geotiff_path("RGB.byte.tif"), "-o", out, "--model", tiny_model_dir,
                        "--overwrite")
     assert rc == 2
     assert one_error_line(err) == f"rscaption: error: {out} is a directory; give a .gpkg file path for the output"
@@ -124,12 +115,12 @@ def set_meta(path, key, raw_json):
     ("embed_dim", json.dumps(None), "metadata 'embed_dim' must be a positive integer, got None"),
     ("model", "{not json", "metadata 'model' is not valid JSON"),
 ])
-def test_resume_onto_wrong_metadata_types(tmp_path, capsys, tiny_dir, good_gpkg, key, raw, said):
+def test_resume_onto_wrong_metadata_types(tmp_path, capsys, tiny_model_dir, good_gpkg, key, raw, said):
     out = copy_of(good_gpkg, tmp_path)
     set_meta(out, key, raw)
     with pytest.raises(StoreError, match=f"^{out}: {said}$"):
         TileStore.open(out)
-    rc, err = run_main(capsys, "caption", geotiff_path("RGB.byte.tif"), "-o", out, "--model", tiny_dir,
+    rc, err = run_main(capsys, "caption", geotiff_path("RGB.byte.tif"), "-o", out, "--model", tiny_model_dir,
                        "--tile-size", "256")
     assert rc == 2 and one_error_line(err) == f"rscaption: error: {out}: {said}"
 

@@ -98,3 +98,24 @@ def test_scene_head_confidence_falls_far_from_the_training_data(tmp_path):
     back = SceneHead.load(cfg, tmp_path)
     assert back.phrases == head.phrases and back.low_threshold == 0.3
     assert np.allclose(back.confidence(emb, [0.9, 0.9]), conf, atol=1e-6)
+
+
+def test_a_caption_naming_a_scene_the_image_doubts_gets_a_lower_confidence(tmp_path):
+    from rscaption.models.scene import FEATURES
+
+    head = _head()
+    head.feature_names = FEATURES
+    head.weights = [0.0, 0.0, 0.0, 0.0, 2.0]
+    head.bias = 2.0
+    emb = np.zeros((2, 8), np.float32)
+    emb[:, 0] = 1.0                               # both images look like "forest"
+    says_forest = np.eye(8, dtype=np.float32)[[0, 0]]
+    says_beach = np.eye(8, dtype=np.float32)[[3, 3]]
+    assert list(head.caption_scenes(says_beach)) == [3, 3]
+    right = head.confidence(emb, [0.9, 0.9], says_forest)
+    wrong = head.confidence(emb, [0.9, 0.9], says_beach)
+    assert (right > 0.8).all() and (wrong < 0.2).all()
+    # without caption text (a language the text tower cannot read) the top scene is assumed
+    assert np.allclose(head.confidence(emb, [0.9, 0.9]), right)
+    back = SceneHead.load(head.save(tmp_path), tmp_path)
+    assert back.feature_names == FEATURES and np.allclose(back.confidence(emb, [0.9, 0.9], says_beach), wrong)

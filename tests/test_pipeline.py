@@ -31,15 +31,6 @@ def geotiff(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from rscaption.models.tiny import build_tiny_captioner
-
-    d = tmp_path_factory.mktemp("tiny_model")
-    build_tiny_captioner().save(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir):
     from rscaption.models.registry import load_model
 

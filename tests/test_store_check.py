@@ -18,15 +18,6 @@ PARAMS = TilingParams(tile_size=128)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from rscaption.models.tiny import build_tiny_captioner
-
-    d = tmp_path_factory.mktemp("tiny_model")
-    build_tiny_captioner().save(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
 def raster(tmp_path_factory):
     """A private copy of a shared GeoTIFF (the repair test deletes it)."""
     dst = tmp_path_factory.mktemp("raster") / "rgb.tif"
@@ -35,9 +26,9 @@ def raster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory, tiny_dir, raster):
+def good(tmp_path_factory, tiny_model_dir, raster):
     out = tmp_path_factory.mktemp("good") / "good.gpkg"
-    caption_raster(str(raster), str(out), model=tiny_dir, tiling=PARAMS, device="cpu")
+    caption_raster(str(raster), str(out), model=tiny_model_dir, tiling=PARAMS, device="cpu")
     with TileStore.open(out) as store:
         return out, {t["tile_id"]: t["caption"] for t in store.tiles()}, store.embeddings()
 
@@ -72,9 +63,9 @@ def test_damaged_tiles_are_listed_with_why(good, tmp_path):
         (bad[3], "embedding has 3 values, not 32")]
 
 
-def test_resume_redoes_damaged_tiles_instead_of_counting_them_resumed(good, tmp_path, tiny_dir, raster):
+def test_resume_redoes_damaged_tiles_instead_of_counting_them_resumed(good, tmp_path, tiny_model_dir, raster):
     out, bad = damaged_copy(good, tmp_path)
-    s = caption_raster(str(raster), str(out), model=tiny_dir, tiling=PARAMS, device="cpu")
+    s = caption_raster(str(raster), str(out), model=tiny_model_dir, tiling=PARAMS, device="cpu")
     assert s.written == 4 and s.resumed == len(good[1]) - 4
     with TileStore.open(out) as store:
         assert store.damaged() == []
@@ -84,11 +75,11 @@ def test_resume_redoes_damaged_tiles_instead_of_counting_them_resumed(good, tmp_
     np.testing.assert_allclose(emb, good[2][1], atol=1e-5)
 
 
-def test_resume_after_the_embeddings_table_was_emptied(good, tmp_path, tiny_dir, raster):
+def test_resume_after_the_embeddings_table_was_emptied(good, tmp_path, tiny_model_dir, raster):
     out = tmp_path / "empty.gpkg"
     shutil.copy(good[0], out)
     damage(out, "DELETE FROM rscaption_embeddings")
-    s = caption_raster(str(raster), str(out), model=tiny_dir, tiling=PARAMS, device="cpu")
+    s = caption_raster(str(raster), str(out), model=tiny_model_dir, tiling=PARAMS, device="cpu")
     assert (s.written, s.resumed) == (len(good[1]), 0)
     with TileStore.open(out) as store:
         assert store.damaged() == [] and len(store.embeddings()[0]) == len(good[1])
@@ -117,11 +108,11 @@ def test_check_reports_then_repairs(good, tmp_path, capsys):
         assert {t["tile_id"]: t["caption"] for t in store.tiles()} == good[1]
 
 
-def test_repair_without_the_source_raster_says_so(tmp_path, tiny_dir, capsys):
+def test_repair_without_the_source_raster_says_so(tmp_path, tiny_model_dir, capsys):
     src = tmp_path / "gone.tif"
     shutil.copy(geotiff_path("RGB.byte.tif"), src)
     out = tmp_path / "o.gpkg"
-    caption_raster(str(src), str(out), model=tiny_dir, tiling=TilingParams(tile_size=256), device="cpu")
+    caption_raster(str(src), str(out), model=tiny_model_dir, tiling=TilingParams(tile_size=256), device="cpu")
     damage(out, "UPDATE tiles SET caption = NULL WHERE fid = 1")
     src.unlink()
     rc, _, err = run_main(capsys, "check", out, "--repair")

@@ -225,5 +225,11 @@ class Captioner(nn.Module):
                 ids, lps = dec.beam_ids(chunk, beam_size, max_new_tokens, length_penalty)
             results += [(dec.decode(i), float(min(1.0, np.exp(lp)))) for i, lp in zip(ids, lps)]
         if calibrated and self.scene is not None:
-            results = self.scene.apply(emb.float().cpu().numpy(), results, rewrite=language == "en")
+            text_emb = None
+            if language == "en" and self.scene.needs_caption_text and results:
+                from ..training.datasets import normalize_caption
+
+                text_emb = self.embed_texts([normalize_caption(c) for c, _ in results])
+            results = self.scene.apply(emb.float().cpu().numpy(), results, rewrite=language == "en",
+                                       text_emb=text_emb)
         return results

@@ -13,6 +13,7 @@ import json
 import time
 
 import numpy as np
+import torch
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25) -> np.ndarray:
@@ -38,29 +39,38 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25) -> 
     return c
 
 
+def caption_text_embeddings(cap, captions: list[str]) -> np.ndarray:
+    from .datasets import normalize_caption
+
+    return np.asarray(cap.embed_texts([normalize_caption(c) for c in captions]), np.float32)
+
+
 def fit_scene_head(cap, plan, val_emb: np.ndarray, train_emb: np.ndarray, cfg: dict, rng: np.random.Generator,
                    template: str, beam_size: int, log=None) -> tuple:
     """(SceneHead, report dict) for a trained captioner."""
     from ..evaluation.calibration import auroc, ece, fit_logistic, fit_temperature
     from ..evaluation.scene_eval import judge_accuracy, names_right_scene, split_halves
-    from ..models.scene import SceneHead
+    from ..models.scene import FEATURES, SceneHead
 
     t0 = time.time()
     prompt_emb = np.asarray(cap.embed_texts(plan.vocab.prompts(template)), dtype=np.float32)
     pos, allowed = plan.scene_targets("val")
     sets = plan.val.record_set
     calib = split_halves(sets, int(cfg.get("seed", 0)))
-    caps = cap.caption(val_emb, beam_size=beam_size)
+    caps = cap.caption(val_emb, beam_size=beam_size, calibrated=False)
     correct = names_right_scene(cap, [c for c, _ in caps], prompt_emb, pos)
-    scale = float(cap.encoder.logit_scale.exp().clamp(max=100)) if hasattr(cap.encoder, "logit_scale") else 100.0
+    text_emb = caption_text_embeddings(cap, [c for c, _ in caps])
+    with torch.no_grad():
+        scale = float(cap.encoder.logit_scale.exp().clamp(max=100)) if hasattr(cap.encoder, "logit_scale") else 100.0
     temp = fit_temperature(scale * val_emb[calib] @ prompt_emb.T, pos[calib])
     protos = kmeans(train_emb, int(cfg.get("prototypes", 64)), rng)
     head = SceneHead(phrases=list(plan.vocab.phrases), prompts=prompt_emb, prototypes=protos, scale=scale,
-                     temperature=temp, low_threshold=float(cfg.get("low_threshold", 0.3)))
-    feats = head.features(val_emb, [c for _, c in caps])
+                     temperature=temp, low_threshold=float(cfg.get("low_threshold", 0.3)),
+                     feature_names=tuple(cfg.get("features", FEATURES)))
+    feats = head.features(val_emb, [c for _, c in caps], text_emb)
     w, b = fit_logistic(feats[calib], correct[calib], l2=float(cfg.get("l2", 1e-2)))
     head.weights, head.bias = [float(x) for x in w], float(b)
-    conf = head.confidence(val_emb, [c for _, c in caps])
+    conf = head.confidence(val_emb, [c for _, c in caps], text_emb)
     lm_conf = np.array([c for _, c in caps])
     report = {"temperature": round(temp, 4), "weights": [round(x, 4) for x in head.weights],
               "bias": round(head.bias, 4), "calibration_images": int(calib.sum()),

@@ -335,7 +335,8 @@ def stage_crosslingual(run, rng) -> dict:
         pairs = load_zh_pairs(path, cfg.get("train_split", "train"))
         out = run.dir / "crosslingual" / lang
         dec, hist = train_decoder(cap, pairs, cfg, rng, out, log=run.log)
-        cap.extra_decoders.pop(lang, None)
+        if lang in cap.extra_decoders:  # ModuleDict.pop takes no default
+            del cap.extra_decoders[lang]
         cap.add_decoder(lang, dec)
         val_split = cfg.get("val_split", "val")
         report = zh_scene_agreement(cap, load_zh_pairs(path, val_split), zh_references(path, val_split),
