@@ -16,7 +16,7 @@ from .cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 CANDIDATES = ["m_4709963_se_14_1_20200831.tif", "alpha.tif", "RGB.byte.tif"]
-QUERIES = ["green farmland", "a lake", "a river", "houses and roads"]
+QUERIES = ["green farmland", "a lake", "a river", "a meadow of grass"]
 
 
 def _pick_raster() -> str:
