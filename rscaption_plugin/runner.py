@@ -121,7 +121,12 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
         tiling_kwargs["tile_size"] = choice.tile_px
         tiling = TilingParams(**tiling_kwargs)
         if cb.on_log:
+            from rscaption.input_check import input_warnings
+
             cb.on_log(choice.describe())
+            for warning in input_warnings(job.raster, getattr(model, "card", {}) or {}, choice.m_per_px,
+                                          fields.get("bands")):
+                cb.on_log(warning)
 
         def on_progress(done, total, records):
             if records and cb.on_tiles:

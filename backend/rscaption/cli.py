@@ -99,7 +99,9 @@ def cmd_caption(args) -> int:
     beam = args.beam_size or int(card.get("beam_size") or 1)
 
     bar = None
-    announce = [choice.describe()]
+    from .input_check import input_warnings
+
+    announce = [choice.describe(), *input_warnings(args.raster, card, choice.m_per_px, args.bands)][::-1]
 
     def progress(done, total, _records):
         # created on the first callback so an error before any tile leaves no empty bar behind

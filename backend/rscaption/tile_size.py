@@ -123,3 +123,21 @@ def choose_tile_size(card: dict, m_per_px: float | None, requested: int | str | 
 
 
 __all__ = ["auto_tile_size", "card_tile_px", "choose_tile_size", "describe_footprint", "TileChoice"]
+
+
+def resolution_warning(card: dict, m_per_px: float | None, margin: float = 3.0) -> str | None:
+    """A one-line warning when the raster's ground resolution is far (more than ``margin`` times)
+    outside what the model was trained on: its captions there are guesses, whatever the tile size."""
+    if m_per_px is None or not (m_per_px > 0 and math.isfinite(m_per_px)):
+        return None
+    anchors = _anchors(card)
+    if not anchors and (card or {}).get("ground_resolution_m"):
+        anchors = [(float(card["ground_resolution_m"]), 0.0)]
+    if not anchors:
+        return None
+    lo, hi = anchors[0][0], anchors[-1][0]
+    if lo / margin <= m_per_px <= hi * margin:
+        return None
+    trained = f"{_fmt_res(lo)}-{_fmt_res(hi)} m/px" if hi > lo else f"{_fmt_res(lo)} m/px"
+    return (f"warning: {_fmt_res(m_per_px)} m/px is far from the {trained} this model was trained on; "
+            "expect guesses (their confidence is usually low)")

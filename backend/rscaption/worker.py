@@ -203,6 +203,11 @@ class Worker:
         tiling = TilingParams(**tiling_kwargs)
         self.out.send("log", message=f"model {getattr(model, 'model_id', req.get('model'))} loaded")
         self.out.send("log", message=choice.describe())
+        from .input_check import input_warnings
+
+        for warning in input_warnings(req["raster"], getattr(model, "card", {}) or {}, choice.m_per_px,
+                                      req.get("bands")):
+            self.out.send("log", message=warning)
 
         def on_progress(done, total, records):
             ids = [_plain(getattr(r, "tile_id", r)) for r in (records or [])]
