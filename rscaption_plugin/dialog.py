@@ -10,7 +10,6 @@ import tempfile
 
 from qgis.core import (
     QgsMapLayerProxyModel,
-    QgsProject,
     QgsRasterLayer,
     QgsRectangle,
     QgsVectorLayer,
@@ -38,7 +37,7 @@ from qgis.PyQt.QtWidgets import (
 
 from .dialog_state import HELP_TEXT, NO_TORCH_TIP, availability, remember, remembered_mode
 from .footprint import tile_choice
-from .model_card import card_summary, card_tile_size, read_card
+from .model_card import card_summary, card_tile_size, model_languages, read_card
 from .paths import torch_importable
 from .raster_source import RasterSourceError, can_export, check_raster, export_to_geotiff, extent_in_layer_crs
 from .runner import CaptionJob
@@ -46,6 +45,9 @@ from .settings import BACKEND_MODES, DEVICES, PluginSettings
 
 EXTENT_LAYER, EXTENT_CANVAS, EXTENT_SELECTION = "layer", "canvas", "selection"
 
+
+#: Names shown for caption language codes (others show their code).
+LANGUAGE_NAMES = {"en": "English", "zh": "Chinese (中文)"}
 
 class CaptionRequest:
     """What the dialog hands to the plugin: the job plus how and where to show it."""
@@ -130,6 +132,9 @@ class CaptionDialog(QDialog):
         self.card_label = QLabel("")
         self.card_label.setWordWrap(True)
         form.addRow("", self.card_label)
+        self.language_combo = QComboBox()
+        self.language_combo.setToolTip("caption language; models list the languages they have decoders for")
+        form.addRow("Caption language", self.language_combo)
         self.model_combo.currentTextChanged.connect(self._model_changed)
 
         self.tile_spin = QSpinBox()
@@ -252,6 +257,11 @@ class CaptionDialog(QDialog):
         self.tile_spin.setValue(self.settings.tile_size or card_tile_size(name, fallback))
         self.card_label.setText(card_summary(name))
         self.card_label.setToolTip(card_summary(name, full=True))
+        current = self.language_combo.currentData() or "en"
+        self.language_combo.clear()
+        for code in model_languages(name):
+            self.language_combo.addItem(LANGUAGE_NAMES.get(code, code), code)
+        self.language_combo.setCurrentIndex(max(0, self.language_combo.findData(current)))
         self._update_footprint()
 
     def _update_footprint(self) -> None:
@@ -349,7 +359,7 @@ class CaptionDialog(QDialog):
             tile_size=None if self.auto_tile_check.isChecked() else self.tile_spin.value(), overlap=overlap,
             bands=parse_bands(self.bands_edit.text()),
             extent=extent, batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
-            resume=self.resume_check.isChecked(),
+            resume=self.resume_check.isChecked(), language=self.language_combo.currentData() or "en",
         )
         name = f"{layer.name()} captions"
         return CaptionRequest(job, self.mode_combo.currentData(), self.python_edit.text().strip() or None,

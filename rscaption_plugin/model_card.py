@@ -33,6 +33,19 @@ def read_card(name: str | None) -> dict:
     return dict(card) if isinstance(card, dict) else {}
 
 
+def model_languages(name: str | None) -> list[str]:
+    """Caption languages of a stored checkpoint: English plus its extra decoders (``decoders``)."""
+    directory = model_dir(name)
+    if directory is None:
+        return ["en"]
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["en"]
+    extra = config.get("decoders") if isinstance(config, dict) else None
+    return ["en"] + sorted(extra) if isinstance(extra, dict) else ["en"]
+
+
 def card_tile_size(name: str | None, fallback: int = 256) -> int:
     try:
         return int(read_card(name).get("tile_size") or fallback)

@@ -45,6 +45,7 @@ class CaptionJob:
     batch_size: int = 8
     device: str | None = None
     beam_size: int | None = None  # None: the model card's
+    language: str = "en"  # caption language: one of the model's (``Captioner.languages``)
     resume: bool = True
     overwrite: bool = False
     confirm_large: bool = False  # the user agreed to a run above rscaption.run_size.LARGE_RUN_TILES
@@ -136,7 +137,8 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
 
         summary = caption_raster(
             job.raster, job.out, model=model, tiling=tiling, batch_size=job.batch_size,
-            device=fields["device"], beam_size=job.beam_size, on_progress=on_progress,
+            device=fields["device"], beam_size=job.beam_size, language=job.language or "en",
+            on_progress=on_progress,
             should_cancel=cb.should_cancel, resume=job.resume, overwrite=job.overwrite, tile_choice=choice,
             confirm_large=job.confirm_large,
         )

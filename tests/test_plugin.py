@@ -272,6 +272,9 @@ def test_caption_dialog_builds_request(qgis_iface, qgis_new_project, geotiff, ti
     assert req.job.raster.endswith("RGB.byte.tif") and req.job.out.endswith(".gpkg")
     assert req.job.tile_size == 64 and req.job.bands == [3, 2, 1] and req.job.extent is None
     assert req.temporary
+    # the tiny model captions in English only; the default also has a Chinese decoder
+    assert [dlg.language_combo.itemData(i) for i in range(dlg.language_combo.count())] == ["en"]
+    assert req.job.language == "en"
 
     # union bbox of selected polygons, given in another CRS (WGS84) -> raster CRS
     poly = QgsVectorLayer("Polygon?crs=EPSG:32618", "aoi", "memory")
@@ -368,6 +371,35 @@ def test_caption_with_the_embedded_default_model(plugin, geotiff, tmp_path):
     captions = [f["caption"] for f in run.layer.getFeatures()]
     assert all(len(c.split()) >= 3 for c in captions), captions
     assert {f["model"] for f in run.layer.getFeatures()} == {"default"}
+    assert all(0.0 <= f["confidence"] <= 1.0 for f in run.layer.getFeatures())
+
+
+def test_default_model_captions_in_chinese_from_the_dialog(plugin, qgis_iface, geotiff, tmp_path):
+    """The dialog offers the default model's languages; a Chinese run writes Chinese captions."""
+    from rscaption_plugin.dialog import CaptionDialog
+    from rscaption_plugin.paths import default_model_dir
+
+    if default_model_dir() is None:
+        pytest.skip("no default model in resources/default_model yet")
+    raster = QgsRasterLayer(str(geotiff("m_4709963_se_14_1_20200831.tif")), "naip")
+    QgsProject.instance().addMapLayer(raster)
+    qgis_iface.setActiveLayer(raster)
+    dlg = CaptionDialog(qgis_iface)
+    dlg.model_combo.setCurrentText("default")
+    codes = [dlg.language_combo.itemData(i) for i in range(dlg.language_combo.count())]
+    assert codes == ["en", "zh"]
+    dlg.language_combo.setCurrentIndex(codes.index("zh"))
+    ext = raster.extent()
+    step = raster.rasterUnitsPerPixelX() * 84
+    request = caption_request(raster.source(), tmp_path / "zh.gpkg", "default", tile_size=84, batch_size=4,
+                              extent=[ext.xMinimum(), ext.yMaximum() - 1.5 * step, ext.xMinimum() + 1.5 * step,
+                                      ext.yMaximum()])
+    request.job.language = dlg.build_request().job.language
+    assert request.job.language == "zh"
+    run = _run_to_end(plugin, request, timeout=600)
+    assert run.outcome.ok, run.outcome.error
+    captions = [f["caption"] for f in run.layer.getFeatures()]
+    assert captions and all(any("\u4e00" <= ch <= "\u9fff" for ch in c) for c in captions), captions
 
 
 @pytest.fixture
