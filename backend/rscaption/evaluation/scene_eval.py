@@ -14,18 +14,26 @@ from __future__ import annotations
 import numpy as np
 
 
-def caption_classes(cap, captions: list[str], prompt_emb: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Nearest class prompt of each caption (index into the vocabulary)."""
+def caption_embeddings(cap, captions: list[str]) -> np.ndarray:
+    """Text-tower embeddings of captions, exactly as ``Captioner.calibrate`` computes them, so the
+    judge and the scene head read the same vectors."""
     from ..training.datasets import normalize_caption
 
     if not captions:
-        return np.zeros(0, dtype=np.int64)
-    temb = cap.embed_texts([normalize_caption(c) for c in captions], batch_size=batch_size)
-    return (np.asarray(temb) @ prompt_emb.T).argmax(1)
+        return np.zeros((0, cap.embed_dim), dtype=np.float32)
+    return np.asarray(cap.embed_texts([normalize_caption(c) for c in captions]), np.float32)
 
 
-def names_right_scene(cap, captions: list[str], prompt_emb: np.ndarray, positives: np.ndarray) -> np.ndarray:
-    cls = caption_classes(cap, captions, prompt_emb)
+def caption_classes(cap, captions: list[str], prompt_emb: np.ndarray, text_emb: np.ndarray | None = None) -> np.ndarray:
+    """Nearest class prompt of each caption (index into the vocabulary)."""
+    if text_emb is None:
+        text_emb = caption_embeddings(cap, captions)
+    return (np.asarray(text_emb) @ prompt_emb.T).argmax(1) if len(text_emb) else np.zeros(0, dtype=np.int64)
+
+
+def names_right_scene(cap, captions: list[str], prompt_emb: np.ndarray, positives: np.ndarray,
+                      text_emb: np.ndarray | None = None) -> np.ndarray:
+    cls = caption_classes(cap, captions, prompt_emb, text_emb)
     return np.asarray(positives, bool)[np.arange(len(cls)), cls]
 
 

@@ -19,7 +19,7 @@ def evaluate_set(cap, records, positives: np.ndarray, allowed: np.ndarray, promp
     from ..training.features import read_rgb
     from .calibration import auroc, ece, reliability
     from .metrics import retrieval_recall, score_captions
-    from .scene_eval import names_right_scene, scene_accuracy
+    from .scene_eval import caption_embeddings, names_right_scene, scene_accuracy
 
     rep: dict = {"n_images": len(records), "beam_size": beam_size}
     t0 = time.time()
@@ -28,13 +28,14 @@ def evaluate_set(cap, records, positives: np.ndarray, allowed: np.ndarray, promp
     t0 = time.time()
     emb = cap.embed_images(imgs)
     t_embed = time.time() - t0
-    t0 = time.time()
-    out = cap.caption(emb, beam_size=beam_size, length_penalty=length_penalty)
-    t_cap = time.time() - t0
     # the decoder's own captions (what caption scores in papers measure) next to what users get,
-    # where a calibrated model replaces low-confidence captions by an honest "uncertain" one
-    raw = cap.caption(emb, beam_size=beam_size, length_penalty=length_penalty, calibrated=False) \
-        if getattr(cap, "scene", None) is not None else out
+    # where a calibrated model replaces low-confidence captions by an honest "uncertain" one:
+    # decoded once, their text embeddings shared by the scene head and the judge
+    t0 = time.time()
+    raw = cap.caption(emb, beam_size=beam_size, length_penalty=length_penalty, calibrated=False)
+    text_emb = caption_embeddings(cap, [c for c, _ in raw])
+    out = cap.calibrate(emb, raw, text_emb=text_emb) if getattr(cap, "scene", None) is not None else raw
+    t_cap = time.time() - t0
     rep["timing"] = {"read_s": round(t_read, 2), "embed_images_per_s": round(len(records) / max(t_embed, 1e-9), 1),
                      "caption_per_s": round(len(records) / max(t_cap, 1e-9), 1),
                      "tiles_per_s": round(len(records) / max(t_embed + t_cap, 1e-9), 1)}
@@ -59,7 +60,7 @@ def evaluate_set(cap, records, positives: np.ndarray, allowed: np.ndarray, promp
     pos = np.asarray(positives, bool)
     if pos.any():
         rep["scene_accuracy_%"] = round(float(100 * scene_accuracy(emb, prompt_emb, pos, allowed).mean()), 2)
-        right = names_right_scene(cap, captions, prompt_emb, pos)
+        right = names_right_scene(cap, captions, prompt_emb, pos, text_emb)
         rep["caption_right_scene_%"] = round(float(100 * right.mean()), 2)
         m = np.ones(len(records), bool) if report_mask is None else np.asarray(report_mask, bool)
         rep["confidence"] = {"n": int(m.sum()), "on": "report half (not used to fit the confidence)"

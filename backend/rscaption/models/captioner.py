@@ -225,11 +225,19 @@ class Captioner(nn.Module):
                 ids, lps = dec.beam_ids(chunk, beam_size, max_new_tokens, length_penalty)
             results += [(dec.decode(i), float(min(1.0, np.exp(lp)))) for i, lp in zip(ids, lps)]
         if calibrated and self.scene is not None:
-            text_emb = None
-            if language == "en" and self.scene.needs_caption_text and results:
-                from ..training.datasets import normalize_caption
-
-                text_emb = self.embed_texts([normalize_caption(c) for c, _ in results])
-            results = self.scene.apply(emb.float().cpu().numpy(), results, rewrite=language == "en",
-                                       text_emb=text_emb)
+            results = self.calibrate(emb.float().cpu().numpy(), results, language)
         return results
+
+    def calibrate(self, embeddings: np.ndarray, results: list[tuple[str, float]], language: str = "en",
+                  text_emb: np.ndarray | None = None) -> list[tuple[str, float]]:
+        """Raw ``caption(..., calibrated=False)`` results -> the scene head's confidences (and honest
+        English captions below its threshold); ``text_emb`` saves re-embedding captions a caller has
+        already embedded."""
+        if self.scene is None or not results:
+            return results
+        if text_emb is None and language == "en" and self.scene.needs_caption_text:
+            from ..training.datasets import normalize_caption
+
+            text_emb = self.embed_texts([normalize_caption(c) for c, _ in results])
+        return self.scene.apply(np.asarray(embeddings, np.float32), results, rewrite=language == "en",
+                                text_emb=text_emb if language == "en" else None)

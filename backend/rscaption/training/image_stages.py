@@ -78,7 +78,7 @@ def stage_embed(run: Run, rng):
         _, train, val = caption_data(run)
         return embed_clip(run, enc, train, val)
     plan = plan_of(run)
-    return lit_embed(run, plan, enc, pretrained_for_cut(run, enc), [])
+    return lit_embed(run, plan, enc, pretrained_for_cut(run, enc))
 
 
 def embed_clip(run: Run, enc, train, val):

@@ -173,7 +173,7 @@ def stage_contrastive(run, plan, enc, pretrained_enc, prompts, rng, save_checkpo
     return {"epochs": int(cfg.get("epochs", 8)), "val_accuracy": acc}
 
 
-def stage_embed(run, plan, enc, pretrained_enc, prompts) -> dict:
+def stage_embed(run, plan, enc, pretrained_enc) -> dict:
     import torch
 
     from .contrastive import HeadTrainer

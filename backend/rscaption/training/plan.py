@@ -22,7 +22,7 @@ def _own_vocab(spec: SetSpec, classes, phrases) -> SceneVocab:
 
 
 def build_plan(cfg: dict, resolve) -> MultiSet:
-    """The run's :class:`MultiSet` (cached on nothing: loading is cheap next to any stage)."""
+    """The run's :class:`MultiSet` (``parts.plan_of`` keeps one per run)."""
     d = cfg["data"]
     enc = cfg.get("encoder", {})
     views = list(enc.get("train_views", [0, 1, 4, 6]))
