@@ -1,4 +1,4 @@
-"""`rscaption` command line: caption, search, info, train, evaluate, serve.
+"""`rscaption` command line: caption, search, similar, info, train, evaluate, serve.
 
 User mistakes (missing files, bad options, unknown models) print one line on stderr and exit 2;
 a cancel (Ctrl-C) exits 130 and says how much finished work was kept. Heavy imports (torch) happen
@@ -160,6 +160,28 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _add_similar(sub):
+    p = sub.add_parser("similar", help="rank the tiles of a captioned GeoPackage by likeness to one of its tiles")
+    p.add_argument("gpkg")
+    p.add_argument("tile_id", type=int, help="the tile to match (its tile_id attribute); it is not listed itself")
+    p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_similar)
+
+
+def cmd_similar(args) -> int:
+    from .similar import similar
+
+    hits = similar(args.gpkg, args.tile_id, k=args.k)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=1))
+    else:
+        print(f"{'rank':>4} {'score':>7} {'tile':>6} {'row':>4} {'col':>4}  caption   (tiles like tile {args.tile_id})")
+        for i, h in enumerate(hits, 1):
+            print(f"{i:>4} {h.score:7.4f} {h.tile_id:>6} {h.row:>4} {h.col:>4}  {h.caption}")
+    return 0
+
+
 def _add_info(sub):
     p = sub.add_parser("info", help="print a model card")
     p.add_argument("model", nargs="?", default="default")
@@ -234,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_caption(sub)
     _add_search(sub)
+    _add_similar(sub)
     _add_info(sub)
     _add_check(sub)
     _add_lazy(sub, "train", "training.runner", "train a model from a config file")

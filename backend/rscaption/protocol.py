@@ -8,6 +8,7 @@ Requests (plugin -> worker), one JSON object per line::
 
     {"cmd": "caption", "raster": ..., "out": ..., "model": ..., "tile_size": ..., ...}
     {"cmd": "search", "gpkg": ..., "query": ..., "k": 10, "model": null, "min_confidence": null}
+    {"cmd": "similar", "gpkg": ..., "tile_id": 7, "k": 10, "min_confidence": null}  (no model needed)
     {"cmd": "info", "model": "default"}
     {"cmd": "cancel"}
     {"cmd": "shutdown"}
@@ -39,6 +40,7 @@ _NUM = (int, float)
 REQUESTS: dict[str, dict[str, tuple]] = {
     "caption": {"raster": (str,), "out": (str,)},
     "search": {"gpkg": (str,), "query": (str,)},
+    "similar": {"gpkg": (str,), "tile_id": (int,)},
     "info": {},
     "cancel": {},
     "shutdown": {},
@@ -64,6 +66,7 @@ _OPTIONAL_REQUEST = {
         "confirm_large": (bool,),
     },
     "search": {"k": (int,), "model": (str,), "device": (str,), "min_confidence": _NUM},
+    "similar": {"k": (int,), "min_confidence": _NUM},
     "info": {"model": (str,), "device": (str,)},
 }
 TERMINAL_TYPES = frozenset({"done", "error"})
@@ -130,10 +133,10 @@ def validate_request(obj: dict) -> dict:
         bands = obj.get("bands")
         if bands is not None and not all(_is_instance(b, (int,)) and b >= 1 for b in bands):
             raise ProtocolError("'caption' request: 'bands' must be 1-based band numbers")
-    if cmd == "search" and obj.get("k") is not None and obj["k"] < 1:
-        raise ProtocolError("'search' request: 'k' must be at least 1")
-    if cmd == "search" and obj.get("min_confidence") is not None and not 0 <= obj["min_confidence"] <= 1:
-        raise ProtocolError("'search' request: 'min_confidence' must be between 0 and 1")
+    if cmd in ("search", "similar") and obj.get("k") is not None and obj["k"] < 1:
+        raise ProtocolError(f"'{cmd}' request: 'k' must be at least 1")
+    if cmd in ("search", "similar") and obj.get("min_confidence") is not None and not 0 <= obj["min_confidence"] <= 1:
+        raise ProtocolError(f"'{cmd}' request: 'min_confidence' must be between 0 and 1")
     return obj
 
 

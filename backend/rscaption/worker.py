@@ -251,6 +251,13 @@ class Worker:
         self.out.send("result", cmd="search", hits=rows)
         return {"count": len(rows)}
 
+    def _do_similar(self, req: dict) -> dict:
+        from .similar import similar  # embeddings only: no model load
+
+        hits = similar(req["gpkg"], req["tile_id"], k=req.get("k") or 10, min_confidence=req.get("min_confidence"))
+        self.out.send("result", cmd="similar", hits=[_hit_row(h) for h in hits])
+        return {"count": len(hits)}
+
     def _store_model(self, gpkg, device):
         """The model that made ``gpkg``, kept loaded: a search dock asks many queries in a row."""
         import os
@@ -285,6 +292,11 @@ class Worker:
             )
         self.out.send("result", cmd="info", **info)
         return {}
+
+
+def _hit_row(h) -> dict:
+    return {"tile_id": _plain(h.tile_id), "row": int(h.row), "col": int(h.col), "score": clean_float(h.score),
+            "caption": h.caption, "confidence": None if h.confidence is None else clean_float(h.confidence)}
 
 
 def _plain(value):
