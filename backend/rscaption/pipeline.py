@@ -23,7 +23,9 @@ from . import __version__
 from .errors import Cancelled, RasterError, StoreError
 from .gpkg import TileRecord, TileStore
 from .ground import ground_resolution
+from .run_lock import RunLock
 from .run_size import check_run_size
+from .rasterpath import is_gdal_path, virtual_fingerprint
 from .tiling import RasterTiler, Tile, TilingParams
 from .tile_size import TileChoice, choose_tile_size
 
@@ -60,6 +62,8 @@ class RunSummary:
 
 def raster_fingerprint(path: str) -> dict:
     """Identify the source raster cheaply but reliably enough to refuse resuming on a changed file."""
+    if is_gdal_path(path):  # /vsicurl/, /vsis3/ ...: no local file to stat or hash
+        return virtual_fingerprint(path)
     if os.path.isdir(path):
         raise RasterError(f"{path} is a directory, not a raster file")
     st = os.stat(path)
@@ -154,6 +158,8 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
         raise RasterError(f"{raster_path} is a directory, not a raster file")
     if os.path.isdir(out_gpkg):  # --overwrite would otherwise try os.remove() on a folder
         raise StoreError(f"{out_gpkg} is a directory; give a .gpkg file path for the output")
+    if os.path.exists(out_gpkg) and os.path.exists(raster_path) and os.path.samefile(out_gpkg, raster_path):
+        raise StoreError(f"the output {out_gpkg} is the input raster; choose another .gpkg file")
     cap = _resolve_model(model, device)
     cap.decoder(language)  # an unknown language fails before any output is written
     # the model card's beam width by default: a calibrated confidence was fitted on those captions
@@ -167,7 +173,7 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
     model_hash = cap.model_hash
     model_id = cap.model_id
 
-    with RasterTiler(raster_path, tiling) as tiler:
+    with RasterTiler(raster_path, tiling) as tiler, RunLock(out_gpkg):  # one writer per output
         check_run_size(tiler.count_tiles(), confirm_large)
         tiles = tiler.plan()
         store = _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name=str(cap.device),
@@ -189,17 +195,9 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                 if should_cancel and should_cancel():
                     cancelled = True
                     break
-                records = []
-                if batch:
-                    emb = cap.embed_images([a for _, a, _ in batch])
-                    caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language)
-                    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                    for (t, _, vf), e, (text, conf) in zip(batch, emb, caps):
-                        records.append(TileRecord(
-                            tile_id=t.tile_id, row=t.row, col=t.col, polygon=t.polygon, caption=text,
-                            confidence=float(conf), embedding=np.asarray(e, dtype=np.float32),
-                            key=keys[t.tile_id], model=model_id, created=now, window=t.window,
-                            valid_fraction=float(vf)))
+                records = caption_batch(cap, batch, keys, beam_size=beam_size, max_new_tokens=max_new_tokens,
+                                        language=language)
+                if records:
                     store.add(records)
                     written += len(records)
                 if on_progress:
@@ -212,7 +210,37 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                                 "finished": None if cancelled else _now()})
         finally:
             store.close()
+    if summary.total and summary.skipped_nodata == summary.total:
+        _refuse_all_nodata(raster_path, out_gpkg, summary.total, tiling)
     return summary
+
+
+def _refuse_all_nodata(raster_path, out_gpkg, total: int, tiling: TilingParams) -> None:
+    """Every tile was nodata: say so rather than report "done" over an empty layer (and leave no
+    empty GeoPackage behind)."""
+    with TileStore.open(out_gpkg) as store:
+        empty = store.count() == 0
+    if empty:
+        os.remove(out_gpkg)
+    raise RasterError(f"every tile of {raster_path} is nodata ({total} of {total} at --nodata-threshold "
+                      f"{tiling.nodata_threshold:g}): nothing to caption; check the raster's nodata value, "
+                      "--bands or --extent")
+
+
+def caption_batch(cap, batch: list[tuple[Tile, np.ndarray, float]], keys: dict, *, beam_size: int,
+                  max_new_tokens: int, language: str) -> list[TileRecord]:
+    """Read tiles -> records ready for the store: the one step every engine runs (this loop, each
+    Ray worker in ``ray_engine``), so their outputs are the same tile for tile."""
+    if not batch:
+        return []
+    emb = cap.embed_images([a for _, a, _ in batch])
+    caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language)
+    now = _now()
+    return [TileRecord(tile_id=t.tile_id, row=t.row, col=t.col, polygon=t.polygon, caption=text,
+                       confidence=float(conf), embedding=np.asarray(e, dtype=np.float32),
+                       key=keys[t.tile_id], model=cap.model_id, created=now, window=t.window,
+                       valid_fraction=float(vf))
+            for (t, _, vf), e, (text, conf) in zip(batch, emb, caps)]
 
 
 def _claim_language(store, language: str) -> None:
@@ -267,5 +295,5 @@ def _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name
     return TileStore.create(out_gpkg, tiler.crs_wkt, tiler.epsg, embed_dim=_embed_dim(cap), metadata=meta)
 
 
-__all__ = ["caption_raster", "RunSummary", "raster_fingerprint", "tile_key", "default_tiling_for", "tile_choice_for",
+__all__ = ["caption_raster", "caption_batch", "RunSummary", "raster_fingerprint", "tile_key", "default_tiling_for", "tile_choice_for",
            "Cancelled"]

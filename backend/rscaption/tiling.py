@@ -65,6 +65,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from .errors import RasterError
+from .rasterpath import check_raster_path, worker_path
 from .stretch import identity, percentile_stretch, sample_shape
 
 FILL_VALUE = 0
@@ -152,8 +153,7 @@ class RasterTiler:
     def __init__(self, path, params: TilingParams | None = None):
         self.path = str(path)
         self.params = params or TilingParams()
-        if not os.path.exists(self.path):
-            raise RasterError(f"raster not found: {self.path}")
+        check_raster_path(self.path)  # a /vsicurl/, /vsis3/ ... path is GDAL's to open or refuse
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -319,8 +319,10 @@ class RasterTiler:
             with self._env():
                 data = self._ds.read(self._read_bands, window=window, **kwargs)
                 valid = self._ds.read_masks(self._read_bands, window=window, **mask_kwargs) > 0
-        except RasterioError as exc:
-            raise RasterError(f"cannot read tile {tile.tile_id} of {self.path}: {_one_line(exc)}") from None
+        except RasterioError as exc:  # truncated or damaged data: say where, and GDAL's own reason
+            raise RasterError(f"cannot read {self.path} at pixel window col {col_off}, row {row_off}, "
+                              f"{w} x {h} (tile {tile.tile_id}): the file is truncated or damaged "
+                              f"({_root_cause(exc)})") from None
         if self._is_float:
             valid &= np.isfinite(data)
         valid = valid.any(axis=0)
@@ -338,7 +340,7 @@ class RasterTiler:
     def describe(self) -> dict:
         tiles = self.plan()
         return {
-            "raster": os.path.abspath(self.path),
+            "raster": worker_path(self.path),
             "width": self.width,
             "height": self.height,
             "georeferenced": self.georeferenced,
@@ -413,3 +415,10 @@ def _json_number(value):
 
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
+
+
+def _root_cause(exc: BaseException) -> str:
+    """GDAL's first reason in a chained rasterio error ("Read failed. See previous exception")."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return _one_line(exc)
