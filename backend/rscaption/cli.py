@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_logging()
     try:
         return int(args.func(args) or 0)
     except RscaptionError as e:
@@ -275,6 +276,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rscaption: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
+
+
+def _quiet_logging() -> None:
+    """Warnings (ours, e.g. out-of-memory fallbacks) as plain lines on stderr; GDAL's chatter off:
+    a library's first ``logging.info`` would otherwise set up ``WARNING:rasterio._err:...`` lines
+    around the one-line error that already carries GDAL's reason."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+    logging.getLogger("rasterio").setLevel(logging.ERROR + 1)
 
 
 if __name__ == "__main__":

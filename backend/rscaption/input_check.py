@@ -9,11 +9,16 @@ from __future__ import annotations
 
 
 def imagery_warning(path: str, bands=None) -> str | None:
+    import warnings
+
     import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
 
     try:
-        with rasterio.open(path) as src:
-            count, dtypes = src.count, src.dtypes
+        with warnings.catch_warnings():  # no CRS is said once, in the tile-size line
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                count, dtypes = src.count, src.dtypes
     except Exception:
         return None  # the tiler reports unreadable rasters in its own words
     chosen = [dtypes[b - 1] for b in bands if 1 <= b <= count] if bands else list(dtypes)

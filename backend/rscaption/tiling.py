@@ -319,10 +319,9 @@ class RasterTiler:
             with self._env():
                 data = self._ds.read(self._read_bands, window=window, **kwargs)
                 valid = self._ds.read_masks(self._read_bands, window=window, **mask_kwargs) > 0
-        except RasterioError as exc:  # truncated or damaged data: say where, and GDAL's own reason
-            raise RasterError(f"cannot read {self.path} at pixel window col {col_off}, row {row_off}, "
-                              f"{w} x {h} (tile {tile.tile_id}): the file is truncated or damaged "
-                              f"({_root_cause(exc)})") from None
+        except RasterioError as exc:  # truncated or damaged data: say where, with GDAL's own reason
+            raise RasterError(f"cannot read tile {tile.tile_id} of {self.path} (pixel window col {col_off}, "
+                              f"row {row_off}, {w} x {h}): {_root_cause(exc)}") from None
         if self._is_float:
             valid &= np.isfinite(data)
         valid = valid.any(axis=0)
