@@ -29,6 +29,7 @@ from qgis.PyQt.QtWidgets import (
 from .layers import (apply_default_style, apply_score_style, gpkg_path_of, is_tile_layer, select_tiles,
                      translucent_selection, zoom_to_tile)
 from .settings import PluginSettings
+from .similar import SimilarTask
 from .tasks import SearchTask
 
 TILE_ROLE = Qt.ItemDataRole.UserRole
@@ -66,6 +67,11 @@ class SearchDock(QgsDockWidget):
         row.addWidget(self.query_edit, 1)
         row.addWidget(self.search_button)
         lay.addLayout(row)
+        self.similar_button = QPushButton("Similar to selected")
+        self.similar_button.setToolTip("rank the layer's tiles by how much their imagery looks like the selected "
+                                       "tile (the one tile selected on the map, else the highlighted result)")
+        self.similar_button.clicked.connect(lambda: self.similar())
+        lay.addWidget(self.similar_button)
         row = QHBoxLayout()
         row.addWidget(QLabel("top k"))
         self.k_spin = QSpinBox()
@@ -165,10 +171,52 @@ class SearchDock(QgsDockWidget):
         QgsApplication.taskManager().addTask(self.task)
         return self.task
 
-    def _finished(self, outcome, layer_id: str) -> None:
+    # -- similar tiles ---------------------------------------------------------------------------
+    def selected_tile(self, layer) -> int | None:
+        """The tile to match: the one tile selected on the layer, or, while the selection is still
+        this dock's own highlight of its hits, the highlighted result row."""
+        ids = [f["tile_id"] for f in layer.selectedFeatures()]
+        if len(ids) == 1:
+            return int(ids[0])
+        row = self.results.currentRow()
+        if self.hits and layer.id() == self._hits_layer_id and 0 <= row < len(self.hits) \
+                and set(ids) == {h["tile_id"] for h in self.hits}:
+            return int(self.hits[row]["tile_id"])
+        return None
+
+    def similar(self, tile_id: int | None = None) -> SimilarTask | None:
+        """Rank the layer's tiles by image likeness to ``tile_id`` (default: :meth:`selected_tile`)."""
+        layer = self.layer_combo.currentLayer()
+        if layer is None or not is_tile_layer(layer):
+            self._status("choose a layer made by rscaption (a GeoPackage with its embeddings)")
+            return None
+        if tile_id is None:
+            tile_id = self.selected_tile(layer)
+        if tile_id is None:
+            count = layer.selectedFeatureCount()
+            self._status("select one tile on the map first" + (f" ({count} are selected)" if count > 1 else ""))
+            return None
+        if self.searching:
+            self._status("a search is already running")
+            return None
+        settings = PluginSettings.load()
+        self.searching = True
+        self.error = None
+        self.search_button.setEnabled(False)
+        self.similar_button.setEnabled(False)
+        self._status(f"finding tiles like tile {tile_id}…")
+        self.task = SimilarTask(gpkg_path_of(layer), tile_id, self.k_spin.value(), settings.backend_mode,
+                                settings.python(), min_confidence=self.confidence_spin.value() or None,
+                                on_finished=lambda outcome, lid=layer.id(): self._finished(
+                                    outcome, lid, f"tile(s) like tile {tile_id}"))
+        QgsApplication.taskManager().addTask(self.task)
+        return self.task
+
+    def _finished(self, outcome, layer_id: str, what: str = "match(es)") -> None:
         self.searching = False
         self.task = None
         self.search_button.setEnabled(True)
+        self.similar_button.setEnabled(True)
         self.backend = outcome.backend
         layer = QgsProject.instance().mapLayer(layer_id)
         if not outcome.ok:
@@ -176,9 +224,9 @@ class SearchDock(QgsDockWidget):
             self._status(self.error)
             return
         threshold = self.threshold_spin.value()
-        self.show_hits([h for h in outcome.hits if h.get("score") is None or h["score"] >= threshold], layer)
+        self.show_hits([h for h in outcome.hits if h.get("score") is None or h["score"] >= threshold], layer, what)
 
-    def show_hits(self, hits: list[dict], layer=None) -> None:
+    def show_hits(self, hits: list[dict], layer=None, what: str = "match(es)") -> None:
         layer = layer or self.layer_combo.currentLayer()
         self.hits = list(hits)
         self._hits_layer_id = layer.id() if layer is not None else None
@@ -204,7 +252,7 @@ class SearchDock(QgsDockWidget):
                 apply_default_style(layer)
         device = self.backend.get("device")
         where = f" · {self.backend.get('mode')}{' on ' + device if device else ''}" if self.backend else ""
-        self._status(f"{len(self.hits)} match(es){where}")
+        self._status(f"{len(self.hits)} {what}{where}")
         if self.hits:
             self.results.setCurrentRow(0)
 

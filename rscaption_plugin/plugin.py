@@ -25,6 +25,7 @@ class RscaptionPlugin:
         self.toolbar = None
         self.dock = None
         self.provider = None
+        self.layer_actions = None  # "Find similar tiles" in the layer and feature context menus
         self.runs: list = []  # CaptionRun objects, kept alive while their task runs
 
     # -- QGIS hooks --------------------------------------------------------------------------------
@@ -52,6 +53,9 @@ class RscaptionPlugin:
         self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.dock.hide()
         self.dock.visibilityChanged.connect(self.search_action.setChecked)
+        from .layer_actions import SimilarTileActions
+
+        self.layer_actions = SimilarTileActions(self.iface, self.dock, self.show_dock)
 
     def unload(self):
         for run in list(self.runs):
@@ -60,6 +64,9 @@ class RscaptionPlugin:
             self.iface.removePluginRasterMenu(MENU, action)
             self.iface.removeToolBarIcon(action)
         self.actions.clear()
+        if self.layer_actions is not None:
+            self.layer_actions.unload()
+            self.layer_actions = None
         if self.toolbar is not None:
             self.toolbar.deleteLater()
             self.toolbar = None
@@ -124,8 +131,12 @@ class RscaptionPlugin:
         active = self.iface.activeLayer()
         if active is not None and is_tile_layer(active):
             self.dock.set_layer(active)
-        self.dock.show()
-        self.dock.raise_()
+        self.show_dock()
+
+    def show_dock(self):
+        if self.dock is not None:
+            self.dock.show()
+            self.dock.raise_()
 
     # -- export --------------------------------------------------------------------------------------
     def export_active_layer(self, dst: str | None = None):

@@ -38,7 +38,7 @@ from qgis.PyQt.QtGui import QIcon
 from .layers import gpkg_path_of, is_rscaption_gpkg, tile_filter
 from .paths import icon_path
 from .raster_source import RasterSourceError, check_raster
-from .runner import Callbacks, CaptionJob, RunError, run_caption, run_search
+from .runner import Callbacks, CaptionJob, LargeRunRefused, RunError, run_caption, run_search
 from .settings import BACKEND_MODES, PluginSettings
 
 
@@ -57,10 +57,33 @@ def _settings() -> PluginSettings:
     return PluginSettings.load()
 
 
+def _large_run_tiles() -> int:
+    """The backend's threshold (rscaption.run_size is standard library only: cheap to import)."""
+    from .paths import ensure_backend_on_path
+
+    ensure_backend_on_path()
+    from rscaption.run_size import LARGE_RUN_TILES
+
+    return LARGE_RUN_TILES
+
+
+def _large_run_message(exc: LargeRunRefused, label: str) -> str:
+    from .large_run import format_duration
+
+    return (f"this run plans {exc.tiles:,} tiles, about {format_duration(exc.seconds)} (a conservative "
+            f"estimate), more than {_large_run_tiles():,}; tick \"{label}\" to start it anyway, or choose a "
+            "smaller extent or a larger tile size")
+
+
 class CaptionAlgorithm(QgsProcessingAlgorithm):
     INPUT, EXTENT, TILE_SIZE, OVERLAP, BANDS = "INPUT", "EXTENT", "TILE_SIZE", "OVERLAP", "BANDS"
     MODEL, BACKEND, PYTHON, DEVICE, BATCH_SIZE, OVERWRITE, OUTPUT = (
         "MODEL", "BACKEND", "PYTHON", "DEVICE", "BATCH_SIZE", "OVERWRITE", "OUTPUT")
+    CONFIRM_LARGE = "CONFIRM_LARGE"
+
+    @staticmethod
+    def confirm_label() -> str:
+        return f"Run even if it plans more than {_large_run_tiles():,} tiles"
 
     def name(self):
         return "caption"
@@ -107,6 +130,8 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
             minValue=1))
         self.addParameter(QgsProcessingParameterBoolean(self.OVERWRITE, "Overwrite instead of resuming",
                                                         defaultValue=False))
+        # off by default: a batch run or a model must not start days of work unnoticed
+        self.addParameter(QgsProcessingParameterBoolean(self.CONFIRM_LARGE, self.confirm_label(), defaultValue=False))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, "Output GeoPackage",
                                                                 "GeoPackage (*.gpkg)"))
         self.addOutput(QgsProcessingOutputNumber("WRITTEN", "Tiles captioned"))
@@ -143,6 +168,7 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
             batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
             device=self.parameterAsString(parameters, self.DEVICE, context) or None,
             overwrite=self.parameterAsBool(parameters, self.OVERWRITE, context),
+            confirm_large=self.parameterAsBool(parameters, self.CONFIRM_LARGE, context),
         )
         mode = BACKEND_MODES[self.parameterAsEnum(parameters, self.BACKEND, context)]
         python = self.parameterAsString(parameters, self.PYTHON, context) or _settings().python()
@@ -155,6 +181,8 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
             on_backend=on_backend, on_log=feedback.pushDebugInfo, should_cancel=feedback.isCanceled)
         try:
             summary = run_caption(job, mode, python, cb)
+        except LargeRunRefused as exc:
+            raise QgsProcessingException(_large_run_message(exc, self.confirm_label())) from None
         except RunError as exc:
             raise QgsProcessingException(str(exc)) from None
         feedback.pushInfo(json.dumps(summary))

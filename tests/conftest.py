@@ -56,3 +56,23 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from test_plugin_support import tiny_model_dir as saved_tiny_model
 
     return saved_tiny_model(tmp_path_factory)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "qgis_log_expects(*regexes): warnings the test provokes on purpose")
+
+
+@pytest.fixture(autouse=True)
+def qgis_message_log_stays_clean(request):
+    """Plugin tests (test_plugin*, test_processing*) fail when QGIS's message log receives a Python
+    error or a warning while they run (tests/qgis_log_guard.py says what counts)."""
+    if not request.module.__name__.startswith(("test_plugin", "test_processing")):
+        yield
+        return
+    from qgis_log_guard import LogGuard
+
+    marker = request.node.get_closest_marker("qgis_log_expects")
+    with LogGuard(marker.args if marker else ()) as guard:
+        yield
+    if guard.problems:
+        pytest.fail(guard.report(), pytrace=False)

@@ -119,6 +119,7 @@ def test_cancel_keeps_finished_tiles(plugin, geotiff, tiny, tmp_path):
     assert run.layer is not None and run.layer.featureCount() == kept
 
 
+@pytest.mark.qgis_log_expects(r"^captioning failed: the backend process stopped unexpectedly \(killed by signal 9\)")
 def test_killed_backend_fails_clearly_and_keeps_tiles(plugin, geotiff, tiny, tmp_path):
     from rscaption_plugin.backend_client import POOL
 

@@ -143,6 +143,7 @@ def test_existing_output_without_resume_is_refused_in_dialog_words(qgis_iface, q
     assert dlg.request is not None and dlg.request.job.resume and dlg.request.job.out == str(out)
 
 
+@pytest.mark.qgis_log_expects(r"^captioning failed: .*first\.gpkg exists: tick Resume")
 def test_run_messages_use_dialog_words_and_a_cancel_is_no_failure(plugin, geotiff, tiny, tmp_path):  # noqa: F811
     """A refused start says what to do in the dialog's words and claims no "kept" tiles; a user
     cancel is an info message and the task manager sees a completed task, not a failed one."""

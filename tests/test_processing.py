@@ -90,3 +90,33 @@ def test_caption_algorithm_extent_and_errors(provider, tiny, geotiff, tmp_path, 
     with pytest.raises(QgsProcessingException, match="not found|checkpoint"):
         processing.run("rscaption:caption", {"INPUT": raster, "MODEL": str(tmp_path / "nope"), "BACKEND": 1,
                                              "OUTPUT": str(tmp_path / "x.gpkg")})
+
+
+def test_caption_algorithm_refuses_a_large_run_unless_confirmed(provider, tiny, tmp_path, qgis_new_project):
+    """Above the backend's tile threshold the algorithm stops with the tile count and the time, and
+    names the parameter that starts it; with that parameter ticked the run gets past the guard (to
+    the first pixel read, which fails here because the VRT's source file does not exist)."""
+    from qgis.core import QgsProcessingException
+
+    from rscaption.run_size import LARGE_RUN_TILES
+    from test_large_run import HUGE_TILES, vrt
+
+    processing = provider
+    out = tmp_path / "huge.gpkg"
+    params = {"INPUT": str(vrt(tmp_path, 1_000_000, 1_000_000)), "TILE_SIZE": 256, "MODEL": tiny, "BACKEND": 1,
+              "DEVICE": "cpu", "OUTPUT": str(out)}
+    with pytest.raises(QgsProcessingException) as refused:
+        processing.run("rscaption:caption", params)
+    message = str(refused.value)
+    assert f"plans {HUGE_TILES:,} tiles, about 35.3 days" in message
+    assert f'tick "Run even if it plans more than {LARGE_RUN_TILES:,} tiles"' in message
+    assert not out.exists()
+    alg = QgsApplication.processingRegistry().algorithmById("rscaption:caption")
+    confirm = alg.parameterDefinition("CONFIRM_LARGE")
+    assert confirm.defaultValue() is False and str(LARGE_RUN_TILES) in confirm.description().replace(",", "")
+
+    over = dict(params, INPUT=str(vrt(tmp_path, 12_800, 8_032, "over.vrt")), TILE_SIZE=32, OUTPUT=str(tmp_path / "o.gpkg"))
+    with pytest.raises(QgsProcessingException, match="plans 100,400 tiles"):
+        processing.run("rscaption:caption", over)
+    with pytest.raises(QgsProcessingException, match=r"^cannot read .*over\.vrt"):
+        processing.run("rscaption:caption", dict(over, CONFIRM_LARGE=True))
