@@ -10,6 +10,7 @@ CLI all run this one function.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import os
 import time
@@ -22,6 +23,8 @@ import numpy as np
 from . import __version__
 from .errors import Cancelled, RasterError, StoreError
 from .gpkg import TileRecord, TileStore
+from .oom import oom_guard
+from .local_engine import FlowStats, run_local
 from .ground import ground_resolution
 from .run_lock import RunLock
 from .run_size import check_run_size
@@ -48,6 +51,7 @@ class RunSummary:
     out_path: str
     model_id: str
     device: str
+    stages: dict | None = None  # local engine: seconds per stage (local_engine.FlowStats)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,8 +150,11 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                    on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
                    resume: bool = True, overwrite: bool = False, language: str = "en",
                    max_new_tokens: int = 30, tile_choice: TileChoice | None = None,
-                   confirm_large: bool = False) -> RunSummary:
+                   confirm_large: bool = False, workers: int | None = None) -> RunSummary:
     """Caption every (non-nodata) tile of a raster into a searchable GeoPackage.
+
+    ``workers``: model threads of the local engine (None: one per usable core on the CPU, see
+    local_engine.py); 0 runs the sequential loop of earlier versions, the benchmark's baseline.
 
     ``tiling=None`` picks the tile size from the raster's ground resolution (auto); ``tile_choice``
     only tells the metadata how a caller chose ``tiling.tile_size`` (see :func:`tile_choice_for`).
@@ -191,21 +198,34 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
             total = len(tiles)
             if on_progress:
                 on_progress(resumed, total, [])
-            for batch in _batches(tiler, todo, batch_size, counts):
-                if should_cancel and should_cancel():
-                    cancelled = True
-                    break
-                records = caption_batch(cap, batch, keys, beam_size=beam_size, max_new_tokens=max_new_tokens,
-                                        language=language)
+            step = functools.partial(caption_batch, cap, keys=keys, beam_size=beam_size,
+                                     max_new_tokens=max_new_tokens, language=language)
+
+            def write(records, skipped=0):
+                nonlocal written
+                counts["skipped"] += skipped
                 if records:
                     store.add(records)
                     written += len(records)
                 if on_progress:
                     on_progress(resumed + written + counts["skipped"], total, records)
+
+            stats = None
+            if workers == 0:
+                for batch in _batches(tiler, todo, batch_size, counts):
+                    if should_cancel and should_cancel():
+                        cancelled = True
+                        break
+                    write(step(batch))
+            else:
+                stats = FlowStats()
+                cancelled = run_local(cap.device, workers, functools.partial(_read_item, tiler), todo, batch_size,
+                                      step, write, should_cancel, stats)
             summary = RunSummary(total=total, written=written, skipped_nodata=counts["skipped"],
                                  resumed=resumed, cancelled=cancelled,
                                  seconds=time.perf_counter() - t0, out_path=os.path.abspath(out_gpkg),
-                                 model_id=model_id, device=str(cap.device))
+                                 model_id=model_id, device=str(cap.device),
+                                 stages=stats.to_dict() if stats else None)
             store.set_metadata({"last_run": summary.to_dict(),
                                 "finished": None if cancelled else _now()})
         finally:
@@ -227,12 +247,23 @@ def _refuse_all_nodata(raster_path, out_gpkg, total: int, tiling: TilingParams) 
                       "--bands or --extent")
 
 
+def _read_item(tiler: RasterTiler, tile: Tile):
+    img = tiler.read(tile)
+    return None if img is None else (tile, img.array, img.valid_fraction)
+
+
 def caption_batch(cap, batch: list[tuple[Tile, np.ndarray, float]], keys: dict, *, beam_size: int,
                   max_new_tokens: int, language: str) -> list[TileRecord]:
     """Read tiles -> records ready for the store: the one step every engine runs (this loop, each
     Ray worker in ``ray_engine``), so their outputs are the same tile for tile."""
     if not batch:
         return []
+    # out of accelerator memory: smaller chunks, then the CPU (oom.py); the model's guard keeps the size
+    return oom_guard(cap).run(lambda chunk: _caption_chunk(cap, chunk, keys, beam_size=beam_size,
+                                                           max_new_tokens=max_new_tokens, language=language), batch)
+
+
+def _caption_chunk(cap, batch, keys: dict, *, beam_size: int, max_new_tokens: int, language: str) -> list[TileRecord]:
     emb = cap.embed_images([a for _, a, _ in batch])
     caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language)
     now = _now()

@@ -51,6 +51,7 @@ class Captioner(nn.Module):
         self.source_dir: Path | None = None
         self.extra_decoders = nn.ModuleDict()  # language -> Decoder, besides the English one
         self.scene = None  # models.scene.SceneHead: calibrated confidence (None: LM token probability)
+        self.fast_inference = True  # models/inference.py fast paths (False: the plain modules)
         if mapping is not None and getattr(mapping, "embed_dim", encoder.embed_dim) != encoder.embed_dim:
             raise ModelError(f"mapping expects {mapping.embed_dim}-d embeddings, encoder gives {encoder.embed_dim}")
         self.eval()
@@ -160,12 +161,16 @@ class Captioner(nn.Module):
 
     @torch.inference_mode()
     def embed_images(self, images, batch_size: int = 32) -> np.ndarray:
+        from .inference import encode_images
+
+        fast = getattr(self, "fast_inference", True) and not self.training
         n = len(images)
         out = []
         for start in range(0, n, batch_size):
             pixels = images_to_pixels(images[start:start + batch_size], self.encoder.preprocess,
                                       self.device, self.dtype)
-            out.append(self.encoder.encode_image(pixels).float().cpu())
+            emb = encode_images(self.encoder, pixels) if fast else self.encoder.encode_image(pixels)
+            out.append(emb.float().cpu())
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)
         return F.normalize(torch.cat(out), dim=-1).numpy().astype(np.float32)
@@ -238,6 +243,12 @@ class Captioner(nn.Module):
         if text_emb is None and language == "en" and self.scene.needs_caption_text:
             from ..training.datasets import normalize_caption
 
-            text_emb = self.embed_texts([normalize_caption(c) for c, _ in results])
+            texts = [normalize_caption(c) for c, _ in results]
+            if getattr(self, "fast_inference", True):
+                from .inference import embed_texts_cached
+
+                text_emb = embed_texts_cached(self, texts)
+            else:
+                text_emb = self.embed_texts(texts)
         return self.scene.apply(np.asarray(embeddings, np.float32), results, rewrite=language == "en",
                                 text_emb=text_emb if language == "en" else None)
