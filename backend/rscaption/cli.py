@@ -67,6 +67,11 @@ def _add_caption(sub):
     p.add_argument("--beam-size", type=_positive, default=None, help="beam width (default: the model's)")
     p.add_argument("--language", default="en", help="caption language: en or another the model has, e.g. zh")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default) or ray: shards of tiles on a Ray cluster, written here (docs/scaling.md)")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); "
+                        "default: start a local one")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     g.add_argument("--no-resume", action="store_true", help="fail if the output exists instead of resuming")
@@ -81,10 +86,15 @@ def cmd_caption(args) -> int:
     from .pipeline import caption_raster, tile_choice_for
     from .tiling import TilingParams
 
-    if not os.path.exists(args.raster):
-        raise RscaptionError(f"raster not found: {args.raster}")
-    if os.path.isdir(args.raster):
-        raise RscaptionError(f"{args.raster} is a directory, not a raster file")
+    from .rasterpath import check_raster_path
+
+    check_raster_path(args.raster)  # local files must exist; /vsicurl/, /vsis3/ ... are GDAL's to open
+    if args.address and args.engine != "ray":
+        raise RscaptionError("--address needs --engine ray")
+    if args.engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # a missing extra is one line before the model loads
     if not args.output.lower().endswith(".gpkg"):
         raise RscaptionError(f"the output must be a .gpkg file, got {args.output}")
     cap = load_model(args.model, device=args.device)
@@ -117,10 +127,16 @@ def cmd_caption(args) -> int:
         bar.refresh()
 
     try:
-        summary = caption_raster(args.raster, args.output, model=cap, tiling=tiling,
-                                 batch_size=args.batch_size, beam_size=beam, on_progress=progress,
-                                 resume=not args.no_resume, overwrite=args.overwrite, language=args.language, tile_choice=choice,
-                                 confirm_large=args.yes)
+        run = dict(model=cap, tiling=tiling, batch_size=args.batch_size, beam_size=beam, on_progress=progress,
+                   resume=not args.no_resume, overwrite=args.overwrite, language=args.language, tile_choice=choice,
+                   confirm_large=args.yes)
+        if args.engine == "ray":
+            from .ray_engine import caption_raster_ray
+
+            summary = caption_raster_ray(args.raster, args.output, model_spec=args.model, device=args.device,
+                                         address=args.address, **run)
+        else:
+            summary = caption_raster(args.raster, args.output, **run)
     except KeyboardInterrupt:
         print(f"rscaption: cancelled; finished tiles are kept in {args.output} (run again to resume)",
               file=sys.stderr)
