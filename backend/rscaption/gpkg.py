@@ -211,6 +211,15 @@ def _statements(script: str):
             pending = ""
 
 
+def _write_hint(exc: sqlite3.Error) -> str:
+    """A full disk reaches SQLite as SQLITE_FULL (ENOSPC) or as a write I/O error (EFBIG, quotas):
+    the failed batch was rolled back, so say what the user can do."""
+    if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        return (" (is the disk full?); the tiles written so far are kept: free some space and run the "
+                "same command again to resume")
+    return ""
+
+
 def _srs_name(wkt: str) -> str:
     match = re.match(r'\s*\w+\s*\[\s*"([^"]*)"', wkt or "")
     return match.group(1) if match else "unnamed"
@@ -367,7 +376,7 @@ class TileStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
-                raise StoreError(f"cannot write to {self.path}: {exc}") from None
+                raise StoreError(f"cannot write to {self.path}: {exc}{_write_hint(exc)}") from None
         return added
 
     def set_metadata(self, values: dict):
@@ -379,7 +388,7 @@ class TileStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
-                raise StoreError(f"cannot write metadata to {self.path}: {exc}") from None
+                raise StoreError(f"cannot write metadata to {self.path}: {exc}{_write_hint(exc)}") from None
 
     @staticmethod
     def _write_metadata(conn, values: dict):
