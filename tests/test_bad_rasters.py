@@ -16,6 +16,7 @@ from rasterio.enums import ColorInterp
 from affine import Affine
 
 from rscaption.gpkg import TileStore
+from rscaption.local_engine import usable_cores
 from rscaption.tiling import RasterTiler, TilingParams
 from test_bad_inputs import one_error_line, run_main
 
@@ -102,8 +103,8 @@ def test_damaged_geotiff_header(tmp_path, capsys, tiny_model_dir, damage):
 
 
 def tiled_raster(path):
-    """128 x 128 px in 32 px deflate blocks: later blocks can be cut or damaged alone."""
-    return write_raster(path, width=128, height=128, tiled=True, blockxsize=32, blockysize=32, compress="deflate")
+    """128 x 256 px in 32 px deflate blocks: later blocks can be cut or damaged alone."""
+    return write_raster(path, width=128, height=256, tiled=True, blockxsize=32, blockysize=32, compress="deflate")
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -116,7 +117,7 @@ def test_damaged_geotiff_data_keeps_finished_tiles(tmp_path, capsys, tiny_model_
     data = bytearray(tiled_raster(tmp_path / "good.tif").read_bytes())
     bad = tmp_path / f"{damage}.tif"
     if damage == "truncated":
-        data = data[:int(len(data) * 0.6)]
+        data = data[:int(len(data) * 0.85)]
     else:
         for i in range(len(data) // 2, len(data) // 2 + 2000):
             data[i] ^= 0x5A
@@ -130,12 +131,14 @@ def test_damaged_geotiff_data_keeps_finished_tiles(tmp_path, capsys, tiny_model_
     failed, col, row = int(m[1]), int(m[2]), int(m[3])
     assert (col, row) == (32 * (failed % 4), 32 * (failed // 4))
     kept = [t["tile_id"] for t in tiles_of(out)]
-    # batches of 2, read one ahead: everything before the failing tile's batch is kept
-    assert kept == list(range(failed - failed % 2)) and len(kept) >= 2
+    # batches of 2: every batch the model finished is kept; at most the batches the reader had queued
+    # ahead of the model workers (local_engine: workers + 1) were read but not captioned
+    assert set(kept) <= set(range(failed)) and len(set(kept)) == len(kept)
+    assert len(kept) >= failed - failed % 2 - 2 * (usable_cores() + 1) > 0
     assert integrity(out) == "ok"
     rc, lines2, _ = caption(capsys, tiny_model_dir, bad, out, "--tile-size", "32", "--batch-size", "2")
-    assert rc == 2 and lines2[-1] == lines[1]  # a resume stops at the same window, keeps the same tiles
-    assert [t["tile_id"] for t in tiles_of(out)] == kept
+    assert rc == 2 and lines2[-1] == lines[1]  # a resume stops at the same window, keeps what it had
+    assert set(kept) <= {t["tile_id"] for t in tiles_of(out)} <= set(range(failed))
 
 
 def test_huge_declared_sizes(tmp_path, capsys, tiny_model_dir):
