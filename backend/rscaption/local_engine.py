@@ -91,8 +91,8 @@ def run_batches(read: Callable, tiles: Sequence, batch_size: int, step: Callable
     skipped)`` each result in plan order on the calling thread.  ``read(tile)`` returns an item for
     the batch or None (skipped as nodata).  Returns True when cancelled.
 
-    A reader or step error stops the run: batches already finished are still written, then the
-    error is raised here.  Cancel stops handing out batches; those being computed finish and are
+    A read error stops the run after the batches read before it; a step error stops it at once;
+    either way batches already finished are still written, then the error is raised here.  Cancel stops handing out batches; those being computed finish and are
     written, so no finished work is lost and nothing waits longer than one batch."""
     stats = stats if stats is not None else FlowStats()
     workers = max(1, int(workers))
@@ -126,11 +126,10 @@ def run_batches(read: Callable, tiles: Sequence, batch_size: int, step: Callable
                 stats.add("read_s", time.perf_counter() - t0)
                 if not put(todo, (seq, batch, skipped)):
                     return
-            for _ in range(workers):
-                put(todo, _END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            done.put(_Failure(exc))
-            stop.set()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, behind the
+            put(todo, _Failure(exc))  # batches read before it, so the workers still caption those
+        for _ in range(workers):
+            put(todo, _END)
 
     def worker():
         try:
@@ -144,6 +143,9 @@ def run_batches(read: Callable, tiles: Sequence, batch_size: int, step: Callable
                     except queue.Empty:
                         continue
                 if item is None or item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    done.put(item)
                     return
                 stats.add("worker_wait_s", time.perf_counter() - t0)
                 seq, batch, skipped = item

@@ -1,0 +1,295 @@
+"""`make bench`, one machine: a roofline and the local engine against its earlier sequential loop.
+
+All figures come from one process so that their ratios mean something on a shared machine:
+
+- matmul peak: fp32 GEMMs at a few sizes, with torch's threads = usable cores and as one
+  single-threaded GEMM per core side by side (how the engine's workers run);
+- FLOPs per tile of the image encoder, of caption decoding (beam search on the KV cache) and of
+  the confidence model's caption-text embedding, counted by torch's FlopCounterMode;
+- the time split read / preprocess / encode / decode / confidence / write on a sample of tiles,
+  run stage by stage in one thread, for the baseline and the optimised model paths, and from
+  it the achieved FLOP rates against the peak;
+- end to end: `caption_raster` on a 4096 x 4096 GeoTIFF at 256 px tiles with the default model,
+  the baseline (workers=0, plain modules, torch's default threads) and the local engine run back
+  to back (twice each, alternating, best of two), plus the same captions and embeddings check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED_NAIP = Path(__file__).resolve().parents[3] / "shared/data/geotiff/m_4709963_se_14_1_20200831.tif"
+
+
+# ---------------------------------------------------------------------------------------- raster
+
+def write_test_raster(path: str, size: int = 4096) -> str:
+    """A real tiled, deflate-compressed GeoTIFF of ``size`` x ``size`` RGB at 0.3 m: real aerial
+    content (a small NAIP scene mirrored out to the size) when the shared data is there, so the
+    captions are of realistic length; smooth random fields otherwise.  Returns what was used."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    if SHARED_NAIP.exists():
+        with rasterio.open(SHARED_NAIP) as src:
+            base = src.read([1, 2, 3])
+        source = f"{SHARED_NAIP.name} mirrored to {size} px"
+    else:
+        rng = np.random.default_rng(0)
+        small = rng.integers(0, 255, (3, size // 64, size // 64)).astype(np.uint8)
+        base = np.repeat(np.repeat(small, 16, axis=1), 16, axis=2)
+        source = "smooth random fields"
+    prof = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", tiled=True,
+                blockxsize=256, blockysize=256, compress="deflate", crs="EPSG:32614",
+                transform=from_origin(500000, 5200000, 0.3, 0.3), photometric="RGB")
+    with rasterio.open(path, "w", **prof) as dst:
+        for r in range(0, size, 1024):
+            rows = np.arange(r, min(size, r + 1024))
+            block = _mirror(base, rows, np.arange(size))
+            dst.write(block, window=Window(0, r, size, len(rows)))
+    return source
+
+
+def _mirror(base: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    h, w = base.shape[1:]
+    ri = np.abs((rows + h - 1) % (2 * h - 2) - (h - 1))  # reflect without repeating the edge
+    ci = np.abs((cols + w - 1) % (2 * w - 2) - (w - 1))
+    return base[:, ri][:, :, ci]
+
+
+# ---------------------------------------------------------------------------------------- peak
+
+def _best(fn, reps: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak(sizes=(256, 512, 1024, 2048)) -> dict:
+    """GFLOP/s of fp32 GEMM: torch threads = usable cores, and one single-threaded GEMM per core
+    at the same time (the engine's workers)."""
+    import torch
+
+    from .local_engine import torch_threads, usable_cores
+
+    cores = usable_cores()
+    out = {"cores": cores, "threaded": {}, "per_core_side_by_side": {}}
+    with torch.inference_mode():
+        for n in sizes:
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            reps = max(1, int(5e8 // (2 * n ** 3)))
+            with torch_threads(cores):
+                t = _best(lambda: [a @ b for _ in range(reps)])
+            out["threaded"][n] = round(2 * n ** 3 * reps / t / 1e9, 1)
+            times = [0.0] * cores
+            with torch_threads(1):
+                def run(i):
+                    times[i] = _best(lambda: [a @ b for _ in range(reps)])
+                threads = [threading.Thread(target=run, args=(i,)) for i in range(cores)]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+            out["per_core_side_by_side"][n] = round(sum(2 * n ** 3 * reps / t / 1e9 for t in times), 1)
+    out["peak_gflops"] = max(*out["threaded"].values(), *out["per_core_side_by_side"].values())
+    out["peak_gflops_per_core"] = round(out["peak_gflops"] / cores, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- flops
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+@contextlib.contextmanager
+def plain_modules(cap):
+    """The model paths of the earlier code (no folded tower, no caption-text cache)."""
+    old = cap.fast_inference
+    cap.fast_inference = False
+    try:
+        yield cap
+    finally:
+        cap.fast_inference = old
+
+
+def stage_split(cap, raster: str, tile: int, n_tiles: int, fast: bool, threads: int, beam: int) -> dict:
+    """Seconds per stage over ``n_tiles`` tiles spread over the raster, each stage timed on its
+    own in one thread (batches of 8, as the pipeline runs them), and FLOPs per tile."""
+    import torch
+
+    from .gpkg import TileRecord, TileStore
+    from .local_engine import torch_threads
+    from .models.encoders import images_to_pixels
+    from .models.inference import encode_images
+    from .tiling import RasterTiler, TilingParams
+
+    t = dict.fromkeys(("read", "preprocess", "encode", "decode", "confidence", "write"), 0.0)
+    flops = {"encode": 0, "decode": 0, "confidence": 0}
+    cm = contextlib.nullcontext() if fast else plain_modules(cap)
+    with tempfile.TemporaryDirectory() as d, cm, torch_threads(threads), torch.inference_mode(), \
+            RasterTiler(raster, TilingParams(tile_size=tile)) as tiler:
+        plan = tiler.plan()
+        pick = plan[:: max(1, len(plan) // n_tiles)][:n_tiles]
+        store = TileStore.create(os.path.join(d, "split.gpkg"), tiler.crs_wkt, tiler.epsg, cap.embed_dim)
+        enc = (lambda px: encode_images(cap.encoder, px)) if fast else cap.encoder.encode_image
+        for i in range(0, len(pick), 8):
+            chunk = pick[i:i + 8]
+            t0 = time.perf_counter()
+            imgs = [tiler.read(x) for x in chunk]
+            t1 = time.perf_counter()
+            px = images_to_pixels([im.array for im in imgs], cap.encoder.preprocess, cap.device, cap.dtype)
+            t2 = time.perf_counter()
+            emb = torch.nn.functional.normalize(enc(px).float(), dim=-1).numpy()
+            t3 = time.perf_counter()
+            raw = cap.caption(emb, beam_size=beam, calibrated=False)
+            t4 = time.perf_counter()
+            caps = cap.calibrate(emb, raw)
+            t5 = time.perf_counter()
+            store.add([TileRecord(x.tile_id, x.row, x.col, x.polygon, c, float(p), e, f"k{x.tile_id}", "bench",
+                                  "now", x.window, im.valid_fraction)
+                       for x, im, e, (c, p) in zip(chunk, imgs, emb, caps)])
+            t6 = time.perf_counter()
+            for k, a, b in zip(t, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6)):
+                t[k] += b - a
+            if i == 0:  # FLOPs per tile from the first batch (decoding depends a little on the captions)
+                flops["encode"] = count_flops(lambda: enc(px)) // len(chunk)
+                flops["decode"] = count_flops(lambda: cap.caption(emb, beam_size=beam, calibrated=False)) // len(chunk)
+                with plain_modules(cap):  # the cache would hide the text tower from the counter
+                    flops["confidence"] = count_flops(lambda: cap.calibrate(emb, raw)) // len(chunk)
+        store.close()
+    total = sum(t.values())
+    return {"tiles": len(pick), "threads": threads, "seconds": {k: round(v, 3) for k, v in t.items()},
+            "share": {k: round(v / total, 3) for k, v in t.items()},
+            "ms_per_tile": round(1e3 * total / len(pick), 1), "gflop_per_tile": {k: round(v / 1e9, 4) for k, v in flops.items()},
+            # with the caption-text cache most captions are not embedded again: no FLOP rate to claim
+            "gflops_achieved": {k: round(flops[k] * len(pick) / t[k] / 1e9, 1) for k in flops
+                                if t[k] > 0 and (k != "confidence" or not fast)}}
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+def _run(cap, raster, out, tile, baseline: bool, workers=None, limit_s: float = 40.0) -> tuple[float, object]:
+    """Tiles/s of one run, cancelled after ``limit_s`` so a slow baseline on a busy machine cannot
+    blow the benchmark's time (the rate of a cancelled run counts its written tiles)."""
+    from .pipeline import caption_raster
+    from .tiling import TilingParams
+
+    if os.path.exists(out):
+        os.remove(out)
+    cm = plain_modules(cap) if baseline else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with cm:
+        s = caption_raster(raster, out, model=cap, tiling=TilingParams(tile_size=tile), batch_size=8,
+                           workers=0 if baseline else workers,
+                           should_cancel=lambda: time.perf_counter() - t0 > limit_s)
+    return s.written / s.seconds, s
+
+
+def compare_outputs(a: str, b: str) -> dict:
+    from .gpkg import TileStore
+
+    with TileStore.open(a) as sa, TileStore.open(b) as sb:
+        ta = {t["tile_id"]: t for t in sa.tiles()}
+        tb = {t["tile_id"]: t for t in sb.tiles()}
+        ia, ea = sa.embeddings()
+        ib, eb = sb.embeddings()
+    both = sorted(set(ta) & set(tb))  # time-boxed runs may stop at different tiles
+    same = sum(ta[k]["caption"] == tb[k]["caption"] for k in both)
+    ra = {int(i): e for i, e in zip(ia, ea)}
+    rb = {int(i): e for i, e in zip(ib, eb)}
+    emb = max((float(np.abs(ra[k] - rb[k]).max()) for k in both), default=0.0)
+    conf = max((abs(ta[k]["confidence"] - tb[k]["confidence"]) for k in both), default=0.0)
+    return {"tiles": len(both), "same_captions": same, "max_embedding_diff": emb,
+            "max_confidence_diff": round(float(conf), 6)}
+
+
+def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int = 24, limit_s: float = 30.0) -> dict:
+    import torch
+
+    from .local_engine import plan_workers
+
+    beam = int((cap.card or {}).get("beam_size") or 1)
+    default_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as d:
+        raster = os.path.join(d, "raster.tif")
+        source = write_test_raster(raster, size)
+        report = {"raster": f"{size} x {size} px, {tile} px tiles ({source})", "model": cap.model_id,
+                  "torch_default_threads": default_threads, "beam_size": beam,
+                  "engine_plan": dict(zip(("workers", "threads_per_worker"), plan_workers(cap.device))),
+                  "load_average_before": [round(x, 2) for x in os.getloadavg()]}
+        report["matmul"] = matmul_peak()
+        report["split_baseline"] = stage_split(cap, raster, tile, split_tiles, False, default_threads, beam)
+        report["split_optimised"] = stage_split(cap, raster, tile, split_tiles, True, 1, beam)
+        runs = {"baseline": [], "optimised": [], "one_worker_all_threads": []}
+        summaries = {}
+        order = ("baseline", "optimised", "one_worker_all_threads", "optimised", "baseline")
+        for name in order:  # alternating, so drift in the machine's load hits both
+            cores = plan_workers(torch.device("cpu"))[0]
+            rate, s = _run(cap, raster, os.path.join(d, f"{name}.gpkg"), tile, name == "baseline",
+                           workers=1 if name == "one_worker_all_threads" else None,
+                           limit_s=limit_s / 2 if name == "one_worker_all_threads" else limit_s)
+            runs[name].append(round(rate, 2))
+            summaries[name] = s
+        report["end_to_end"] = {
+            "tiles": max(s.total for s in summaries.values()), "time_box_s": limit_s,
+            "tiles_done": {k: s.written for k, s in summaries.items()},
+            "baseline_tiles_per_s": runs["baseline"], "optimised_tiles_per_s": runs["optimised"],
+            f"one_worker_{cores}_threads_tiles_per_s": runs["one_worker_all_threads"],
+            "speedup": round(max(runs["optimised"]) / max(runs["baseline"]), 2),
+            "optimised_stages": summaries["optimised"].stages,
+            "same_output": compare_outputs(os.path.join(d, "baseline.gpkg"), os.path.join(d, "optimised.gpkg"))}
+        report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    peak = report["matmul"]["peak_gflops_per_core"]
+    for key in ("split_baseline", "split_optimised"):
+        split = report[key]
+        cores_used = min(split["threads"], report["matmul"]["cores"])
+        split["share_of_peak"] = {k: round(v / (peak * cores_used), 3) for k, v in split["gflops_achieved"].items()}
+    st = report["end_to_end"]["optimised_stages"] or {}
+    wall = summaries["optimised"].seconds
+    report["end_to_end"]["overlap"] = {
+        "read_s": st.get("read_s"), "write_s": st.get("write_s"),
+        "workers_waiting_for_tiles_s": st.get("worker_wait_s"),
+        "waiting_share_of_worker_time": round(st.get("worker_wait_s", 0.0) / max(1e-9, wall * st.get("workers", 1)), 3)}
+    return report
+
+
+def print_report(r: dict) -> None:
+    m, e = r["matmul"], r["end_to_end"]
+    print(f"roofline  {r['raster']}, {r['model']}, beam {r['beam_size']}")
+    print(f"  matmul peak {m['peak_gflops']} GFLOP/s on {m['cores']} cores (threaded {m['threaded']}, "
+          f"one per core side by side {m['per_core_side_by_side']})")
+    for key, label in (("split_baseline", "baseline"), ("split_optimised", "optimised")):
+        s = r[key]
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["share"].items())
+        rates = ", ".join(f"{k} {v} GFLOP/s ({100 * s['share_of_peak'][k]:.0f}% of peak)"
+                          for k, v in s["gflops_achieved"].items())
+        print(f"  {label:9s} {s['ms_per_tile']} ms/tile in one stage-by-stage pass ({s['threads']} threads): {shares}")
+        print(f"            {rates}; GFLOP/tile {s['gflop_per_tile']}")
+    o = e["overlap"]
+    one = next(v for k, v in e.items() if k.startswith("one_worker_"))
+    print(f"  end to end ({e['tiles']} tiles planned, runs time-boxed at {e['time_box_s']:.0f} s): baseline "
+          f"{e['baseline_tiles_per_s']} tiles/s, local engine {e['optimised_tiles_per_s']} tiles/s "
+          f"({r['engine_plan']['workers']} workers x 1 thread): {e['speedup']}x; one worker with all threads {one}")
+    print(f"  load average before/after: {r['load_average_before']} / {r['load_average_after']}")
+    print(f"  overlap: read {o['read_s']} s and write {o['write_s']} s beside the workers; workers waited "
+          f"{o['workers_waiting_for_tiles_s']} s for tiles ({100 * o['waiting_share_of_worker_time']:.1f}% of their time)")
+    same = e["same_output"]
+    print(f"  same output: {same['same_captions']}/{same['tiles']} captions identical, embeddings within "
+          f"{same['max_embedding_diff']:.1e}, confidences within {same['max_confidence_diff']:.1e}")
