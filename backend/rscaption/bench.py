@@ -139,6 +139,9 @@ def main() -> int:
     report = {"model": cap.model_id, "torch_threads": torch.get_num_threads(),
               "decoding": bench_decoding(cap), "tiling_memory": bench_tiling_memory(),
               "pipeline": bench_pipeline(cap)}
+    from .bench_roofline import bench_local_engine, print_report as print_roofline
+
+    report["roofline"] = bench_local_engine(cap)  # docs/performance.md
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -152,6 +155,7 @@ def main() -> int:
     if report["pipeline"]:
         p = report["pipeline"]
         print(f"pipeline  {p['tiles']} tiles of {p['raster']} in {p['seconds']} s: {p['tiles_per_s']} tiles/s")
+    print_roofline(report["roofline"])
     print(f"written {out}")
     return 0
 
