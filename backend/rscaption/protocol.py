@@ -158,7 +158,12 @@ def parse_message(line) -> dict:
 
 def _dumps(obj: dict) -> str:
     # allow_nan=False: NaN/Infinity are not JSON and would break a strict reader on the other end.
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_default) + "\n"
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_default)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (from a "\udcff" escape in a request): \u-escape it
+        text = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"), default=_default)
+    return text + "\n"
 
 
 def _default(value):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import os
 import queue
@@ -35,6 +36,7 @@ from .protocol import PROTOCOL_VERSION, ProtocolError, clean_float, encode_messa
 log = logging.getLogger("rscaption.worker")
 
 _EOF = object()
+MAX_LINE_CHARS = 16 * 1024 * 1024  # far above any real request (a search's list of queries)
 
 
 class _Writer:
@@ -81,10 +83,24 @@ class Worker:
             traceback.print_exc(file=sys.stderr)
             self.jobs.put(_EOF)
 
+    def _read_line(self) -> str:
+        """One request line; an over-long one is skipped to its end and answered with an error
+        (a runaway writer must not make the worker hold gigabytes of one line)."""
+        line = self.stdin.readline(MAX_LINE_CHARS + 1)
+        if len(line) <= MAX_LINE_CHARS or line.endswith("\n"):
+            return line
+        while True:
+            rest = self.stdin.readline(MAX_LINE_CHARS)
+            if not rest or rest.endswith("\n"):
+                break
+        self.out.send("error", message=f"bad request: a line longer than {MAX_LINE_CHARS:,} characters",
+                      kind="protocol")
+        return "\n"
+
     def _read_lines(self) -> None:
         while True:
             try:
-                line = self.stdin.readline()
+                line = self._read_line()
             except (OSError, ValueError):
                 line = ""
             if not line:
@@ -333,7 +349,9 @@ def serve(stdin=None, stdout=None, device=None, heartbeat_s: float = 2.0) -> int
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="rscaption-worker %(levelname)s %(message)s")
     if stdin is None or stdin is sys.stdin:
-        stdin = sys.stdin
+        # bytes that are not UTF-8 become U+FFFD and get a protocol error: with the default strict
+        # decoding they raised in the reader, which read as end of input and stopped the worker
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     if stdout is None or stdout is sys.stdout or stdout is sys.__stdout__:
         stdout = _protocol_stdout()
     writer = _Writer(stdout)
