@@ -22,7 +22,7 @@ from rscaption.tiling import TilingParams  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-W, H = 160, 128  # 5 x 4 tiles of 32 px, some of them nodata
+W, H = 192, 160  # 6 x 5 tiles of 32 px, some of them nodata
 PARAMS = TilingParams(tile_size=32)
 BATCH = 2
 
@@ -102,23 +102,29 @@ def test_cancel_keeps_finished_shards_and_resume_completes(cluster, data, tiny_m
     assert_same_tiles(stored(out), data["local"])
 
 
-def test_killed_driver_resumes_to_the_uninterrupted_result(cluster, data, tiny_model_dir, tmp_path):
+def _start_and_stop(cmd, out, sig, more_than: int) -> tuple[int, str]:
+    """Start the CLI, send ``sig`` as soon as the file holds more than ``more_than`` tiles."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and count_rows(out) <= more_than:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the driver ended before it could be stopped: {proc.stderr.read()}"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc.returncode, proc.stderr.read()
+
+
+def test_ctrl_c_then_killed_driver_resume_to_the_uninterrupted_result(cluster, data, tiny_model_dir, tmp_path):
     out = tmp_path / "ray.gpkg"
     cmd = [sys.executable, "-m", "rscaption.cli", "caption", data["tif"], "-o", str(out), "--model", tiny_model_dir,
            "--tile-size", "32", "--batch-size", str(BATCH), "--engine", "ray", "--address", cluster, "-q"]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    committed = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        committed = count_rows(out)
-        if committed:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the driver ended before it could be killed: {proc.stderr.read()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    kept = count_rows(out)
-    assert 0 < committed <= kept < len(data["local"])  # killed mid-run, with some tiles on disk
+    rc, err = _start_and_stop(cmd, out, signal.SIGINT, 0)  # Ctrl-C: as the local engine
+    assert rc == 130 and "cancelled; finished tiles are kept" in err, err
+    after_cancel = count_rows(out)
+    assert 0 < after_cancel < len(data["local"])
+    _start_and_stop(cmd, out, signal.SIGKILL, after_cancel)  # kill -9: no clean-up at all
+    after_kill = count_rows(out)
+    assert after_cancel < after_kill < len(data["local"])  # killed mid-run, with more tiles on disk
     rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed" in rerun.stderr and "done:" in rerun.stderr

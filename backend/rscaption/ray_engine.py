@@ -26,9 +26,10 @@ import time
 from collections import deque
 
 from .errors import RscaptionError, StoreError
-from .pipeline import (RunSummary, _claim_language, _open_store, _resolve_model, caption_batch,
+from .pipeline import (RunSummary, _claim_language, _open_store, _refuse_all_nodata, _resolve_model, caption_batch,
                        raster_fingerprint, tile_choice_for, tile_key)
 from .rasterpath import check_raster_path, worker_path
+from .run_lock import RunLock
 from .run_size import check_run_size
 from .tiling import RasterTiler, TilingParams
 
@@ -124,7 +125,7 @@ def caption_raster_ray(raster_path: str, out_gpkg: str, model="default", model_s
 
     owns_ray = _connect(ray, address)
     try:
-        with RasterTiler(raster_path, tiling) as tiler:
+        with RasterTiler(raster_path, tiling) as tiler, RunLock(out_gpkg):  # one writer per output
             check_run_size(tiler.count_tiles(), confirm_large)
             tiles = tiler.plan()
             slots, options, worker_device = _slots(ray, device, cpus_per_worker, workers)
@@ -167,6 +168,8 @@ def caption_raster_ray(raster_path: str, out_gpkg: str, model="default", model_s
     finally:
         if owns_ray:
             ray.shutdown()
+    if summary.total and summary.skipped_nodata == summary.total:
+        _refuse_all_nodata(raster_path, out_gpkg, summary.total, tiling)
     return summary
 
 
@@ -231,6 +234,8 @@ def _run_shards(ray, shards, keys, spec, n_workers, options, max_retries, commit
                         raise type(cause)(str(cause)) from None
                     raise RscaptionError(f"shard {i} failed on a Ray worker: {_first_line(exc)}") from None
                 except RayActorError as exc:
+                    if getattr(exc, "actor_init_failed", False):  # the model or raster failed to load there
+                        raise RscaptionError(f"a Ray worker could not start: {_first_line(exc)}") from None
                     raise RscaptionError(f"shard {i}: its Ray worker died {max_retries + 1} times "
                                          f"({_first_line(exc)}); finished shards are kept, run again to resume") from None
                 commit(result)
@@ -241,8 +246,12 @@ def _run_shards(ray, shards, keys, spec, n_workers, options, max_retries, commit
 
 
 def _first_line(exc) -> str:
+    """The worker's own reason out of Ray's multi-line report ("...ModelError: <reason>")."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = next((ln for ln in reversed(lines) if "Error" in ln), lines[0] if lines else type(exc).__name__)
+    head, sep, reason = text.partition(": ")
+    if sep and head.replace(".", "").replace("_", "").isalnum() and head.endswith("Error"):
+        text = reason
     return text[:300]
 
 
