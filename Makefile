@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export QT_QPA_PLATFORM := offscreen
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast demo bench train-default package install-plugin clean
+.PHONY: setup test test-fast demo bench soak train-default package install-plugin clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ demo: setup
 
 bench: setup
 	$(PY) -m rscaption.bench
+
+soak: setup  # kill -9 at 20 seeded points of a real run, resume, compare (docs/reliability.md)
+	$(PY) tools/kill_soak.py --points 20 --json out/kill_soak.json
 
 train-default: setup
 	$(PY) -m rscaption.cli train configs/default.yaml
