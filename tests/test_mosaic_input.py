@@ -4,6 +4,7 @@ and /vsis3/ take the same code path but need a network) are tiled and captioned 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import zipfile
@@ -14,7 +15,7 @@ import pytest
 from mosaic_data import assert_same_tiles, stored, write_geotiff, write_mosaic
 from rscaption.cli import main
 from rscaption.errors import RasterError
-from rscaption.gpkg import TileStore
+from rscaption.gpkg import TileStore, _register_functions
 from rscaption.pipeline import caption_raster, raster_fingerprint
 from rscaption.tiling import RasterTiler, TilingParams
 
@@ -79,6 +80,15 @@ def test_gdal_virtual_path_is_captioned_and_resumed(rasters, whole_result, tiny_
     # resumed: every tile except those the random tiny model left without words (redone as damaged)
     kept = sum(1 for r in whole_result.values() if r[3].strip())
     assert again.resumed == kept and again.written == len(whole_result) - kept
+    assert_same_tiles(stored(out), whole_result)
+    # `rscaption check --repair` reopens the recorded virtual path to caption a damaged tile again
+    damaged = next(tid for tid, r in whole_result.items() if r[3].strip())
+    conn = sqlite3.connect(out)
+    _register_functions(conn)  # the R-tree triggers call the ST_ functions GDAL would provide
+    with conn:
+        conn.execute("UPDATE tiles SET caption = NULL WHERE tile_id = ?", (damaged,))
+    conn.close()
+    main(["check", str(out), "--repair"])  # exit 1 while the tiny model leaves some captions empty
     assert_same_tiles(stored(out), whole_result)
 
 

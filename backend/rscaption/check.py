@@ -53,13 +53,14 @@ def check_store(path: str) -> CheckReport:
 def repair_store(path: str, model=None, device=None, batch_size: int = 8, on_progress=None):
     """Re-caption the damaged tiles; returns the pipeline's RunSummary. Needs the source raster."""
     from .pipeline import caption_raster
+    from .rasterpath import is_gdal_path
     from .search import model_for_store
     from .tiling import TilingParams
 
     with TileStore.open(path) as store:
         meta = store.metadata()
         source = (meta.get("source_raster") or {}).get("path")
-        if not source or not os.path.isfile(str(source)):
+        if not source or not (is_gdal_path(source) or os.path.isfile(str(source))):  # /vsi...: GDAL's to open
             raise StoreError(f"cannot repair {path}: its source raster {source or '(not recorded)'} is gone; "
                              "put it back at that path, or caption the raster again with --overwrite")
         if not isinstance(meta.get("tiling_params"), dict):
