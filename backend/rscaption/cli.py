@@ -149,31 +149,17 @@ def cmd_caption(args) -> int:
 
 
 def _add_search(sub):
-    p = sub.add_parser("search", help="rank the tiles of a captioned GeoPackage by a text query")
-    p.add_argument("gpkg")
-    p.add_argument("query")
-    p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
-    p.add_argument("--model", default=None, help="override the model recorded in the file (hash must match)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--min-confidence", type=float, default=None, metavar="C",
-                   help="rank only tiles whose caption confidence is at least C (0-1)")
+    p = sub.add_parser("search", help="rank the tiles of a captioned GeoPackage by text queries")
+    from .search_cli import add_search_args  # light: argparse only
+
+    add_search_args(p)
     p.set_defaults(func=cmd_search)
 
 
 def cmd_search(args) -> int:
-    from .search import search_store
+    from .search_cli import run_search
 
-    hits = search_store(args.gpkg, args.query, k=args.k, model=args.model, device=args.device,
-                        min_confidence=args.min_confidence)
-    if args.json:
-        print(json.dumps([h.to_dict() for h in hits], indent=1))
-    else:
-        print(f"{'rank':>4} {'score':>7} {'tile':>6} {'row':>4} {'col':>4} {'conf':>5}  caption")
-        for i, h in enumerate(hits, 1):
-            conf = f"{h.confidence:5.2f}" if h.confidence is not None else "    -"
-            print(f"{i:>4} {h.score:7.4f} {h.tile_id:>6} {h.row:>4} {h.col:>4} {conf}  {h.caption}")
-    return 0
+    return run_search(args)
 
 
 def _add_similar(sub):

@@ -447,6 +447,29 @@ class TileStore:
                              f"(run 'rscaption check {self.path} --repair')")
         return ids, np.frombuffer(data, dtype="<f4").reshape(len(rows), self.embed_dim).astype(np.float32)
 
+    def embeddings_of(self, tile_ids: list[int]) -> dict[int, np.ndarray]:
+        """float32 vectors of the given tiles by primary key (a search's few finalists, not all rows)."""
+        out = {}
+        with self._reading():
+            for i in range(0, len(tile_ids), 500):
+                part = tile_ids[i:i + 500]
+                for t, blob in self._conn.execute(f"SELECT tile_id, embedding FROM rscaption_embeddings WHERE tile_id"
+                                                  f" IN ({','.join('?' * len(part))})", part):
+                    if isinstance(blob, bytes) and len(blob) == 4 * self.embed_dim:
+                        out[int(t)] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        return out
+
+    def tiles_by_id(self, tile_ids: list[int]) -> dict[int, dict]:
+        """Attributes (``_TILE_COLUMNS``) of the given tiles only; of duplicates the last fid wins."""
+        columns, out = ", ".join(f'"{c}"' for c in _TILE_COLUMNS), {}
+        with self._reading():
+            for i in range(0, len(tile_ids), 500):
+                part = tile_ids[i:i + 500]
+                for row in self._conn.execute(f'SELECT {columns} FROM "{TABLE}" WHERE tile_id IN '
+                                              f"({','.join('?' * len(part))}) ORDER BY fid", part):
+                    out[int(row[1])] = dict(zip(_TILE_COLUMNS, row))
+        return out
+
     def tiles(self) -> list[dict]:
         """Tile attributes ordered by tile_id, with ``window`` and ``bounds`` (minx, miny, maxx, maxy)."""
         columns = ", ".join(f'"{c}"' for c in _TILE_COLUMNS)

@@ -7,7 +7,8 @@ rejected with one clear sentence instead of a KeyError deep in a task thread.
 Requests (plugin -> worker), one JSON object per line::
 
     {"cmd": "caption", "raster": ..., "out": ..., "model": ..., "tile_size": ..., ...}
-    {"cmd": "search", "gpkg": ..., "query": ..., "k": 10, "model": null, "min_confidence": null}
+    {"cmd": "search", "gpkg": ..., "query": ..., "k": 10, "model": null, "min_confidence": null,
+     "bbox": null, "where": null}                    # or "queries": [...] instead of "query"
     {"cmd": "similar", "gpkg": ..., "tile_id": 7, "k": 10, "min_confidence": null}  (no model needed)
     {"cmd": "info", "model": "default"}
     {"cmd": "cancel"}
@@ -39,7 +40,7 @@ PROTOCOL_VERSION = 1
 _NUM = (int, float)
 REQUESTS: dict[str, dict[str, tuple]] = {
     "caption": {"raster": (str,), "out": (str,)},
-    "search": {"gpkg": (str,), "query": (str,)},
+    "search": {"gpkg": (str,)},  # and "query" or "queries" (checked below)
     "similar": {"gpkg": (str,), "tile_id": (int,)},
     "info": {},
     "cancel": {},
@@ -65,7 +66,11 @@ _OPTIONAL_REQUEST = {
         # "tiles" and "seconds") unless this is true: the plugin asks the user, then sends it
         "confirm_large": (bool,),
     },
-    "search": {"k": (int,), "model": (str,), "device": (str,), "min_confidence": _NUM},
+    # "queries": several texts, one model load; the result then carries "results": [{query, hits}].
+    # "bbox" [minx, miny, maxx, maxy] in the layer's CRS and "where" (SQLite expression over the
+    # layer's columns) keep tiles before ranking, like min_confidence.
+    "search": {"query": (str,), "queries": (list,), "k": (int,), "model": (str,), "device": (str,),
+               "min_confidence": _NUM, "bbox": (list,), "where": (str,)},
     "similar": {"k": (int,), "min_confidence": _NUM},
     "info": {"model": (str,), "device": (str,)},
 }
@@ -133,11 +138,27 @@ def validate_request(obj: dict) -> dict:
         bands = obj.get("bands")
         if bands is not None and not all(_is_instance(b, (int,)) and b >= 1 for b in bands):
             raise ProtocolError("'caption' request: 'bands' must be 1-based band numbers")
+    if cmd == "search":
+        _check_search(obj)
     if cmd in ("search", "similar") and obj.get("k") is not None and obj["k"] < 1:
         raise ProtocolError(f"'{cmd}' request: 'k' must be at least 1")
     if cmd in ("search", "similar") and obj.get("min_confidence") is not None and not 0 <= obj["min_confidence"] <= 1:
         raise ProtocolError(f"'{cmd}' request: 'min_confidence' must be between 0 and 1")
     return obj
+
+
+def _check_search(obj: dict) -> None:
+    queries = obj.get("queries")
+    if obj.get("query") is None and queries is None:
+        raise ProtocolError("'search' request is missing 'query' (or 'queries')")
+    if queries is not None and (not queries or not all(isinstance(q, str) for q in queries)):
+        raise ProtocolError("'search' request: 'queries' must be a non-empty list of strings")
+    bbox = obj.get("bbox")
+    if bbox is not None:
+        if len(bbox) != 4 or not all(_is_instance(v, _NUM) and math.isfinite(v) for v in bbox):
+            raise ProtocolError("'search' request: 'bbox' must be [minx, miny, maxx, maxy]")
+        if bbox[0] > bbox[2] or bbox[1] > bbox[3]:
+            raise ProtocolError("'search' request: 'bbox' is empty (minx > maxx or miny > maxy)")
 
 
 def validate_message(obj: dict) -> dict:

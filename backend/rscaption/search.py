@@ -7,6 +7,7 @@ against a query embedded by another gives confident nonsense, which is worse tha
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -69,41 +70,124 @@ def model_for_store(store: TileStore, model=None, device=None):
     return cap
 
 
+EXACT_MARGIN = 2.0 ** -9  # bound on |float16 score - float32 score| for unit vectors (about 4x headroom)
+
+
 def search_store(gpkg_path: str, query: str, k: int = 10, model=None, device=None,
-                 min_confidence: float | None = None) -> list[SearchHit]:
-    """Top ``k`` tiles for ``query``; ``min_confidence`` keeps only tiles whose caption confidence
-    reaches it *before* ranking, so k confident tiles come back rather than fewer than k."""
-    if not query or not query.strip():
-        raise StoreError("the search query is empty")
+                 min_confidence: float | None = None, *, bbox=None, where: str | None = None) -> list[SearchHit]:
+    """Top ``k`` tiles for ``query``. ``min_confidence``, ``bbox`` (MINX, MINY, MAXX, MAXY in the
+    layer's CRS: tiles whose box intersects it) and ``where`` (an SQLite expression over the layer's
+    columns) keep tiles *before* ranking, so k qualifying tiles come back rather than fewer."""
+    return search_queries(gpkg_path, [query], k, model, device, min_confidence, bbox=bbox, where=where)[0]
+
+
+def search_queries(gpkg_path: str, queries: list[str], k: int = 10, model=None, device=None,
+                   min_confidence: float | None = None, *, bbox=None, where: str | None = None
+                   ) -> list[list[SearchHit]]:
+    """:func:`search_store` for several queries with one model load and one pass over the matrix;
+    the i-th list answers ``queries[i]`` exactly as a single search would."""
+    from .search_filter import check_bbox, check_min_confidence, check_where, filter_mask
+    from .search_matrix import load_matrix
+
+    queries = [q.strip() if isinstance(q, str) else q for q in (queries or [])]
+    if not queries:
+        raise StoreError("no search query given")
+    for q in queries:
+        if not isinstance(q, str) or not q:
+            raise StoreError("the search query is empty")
     if not os.path.exists(gpkg_path):
         raise StoreError(f"{gpkg_path} does not exist")
-    if min_confidence is not None and not 0.0 <= float(min_confidence) <= 1.0:
-        raise StoreError(f"the minimum confidence must be between 0 and 1, not {min_confidence}")
-    with TileStore.open(gpkg_path) as store:
-        tile_ids, emb = store.embeddings()
-        if len(tile_ids) == 0:
-            return []
+    min_confidence = check_min_confidence(min_confidence)
+    bbox, where = check_bbox(bbox), check_where(where)
+    with TileStore.open(gpkg_path, readonly=True) as store:
+        matrix = load_matrix(gpkg_path, store.embed_dim)
+        mask = filter_mask(matrix, where, bbox, min_confidence)
+        if matrix.rows == 0 or (mask is not None and not mask.any()):
+            return [[] for _ in queries]
         cap = model_for_store(store, model, device)
-        attrs = {t["tile_id"]: t for t in store.tiles()}
-        if min_confidence:
-            keep = np.array([(attrs.get(int(t), {}).get("confidence") or 0.0) >= float(min_confidence)
-                             for t in tile_ids], dtype=bool)
-            tile_ids, emb = tile_ids[keep], emb[keep]
-            if len(tile_ids) == 0:
-                return []
-        q = cap.embed_texts([query.strip()])[0]
-        if q.shape[-1] != emb.shape[1]:  # another model's vectors: ranking them would be nonsense
-            raise StoreError(f"{gpkg_path} holds {emb.shape[1]}-d embeddings but model {cap.model_id} "
-                             f"makes {q.shape[-1]}-d ones; search it with the model that captioned it")
-        order, scores = rank(q, emb, k)
-    hits = []
-    for i, s in zip(order, scores):
-        t = attrs.get(int(tile_ids[i]), {})
-        conf = t.get("confidence")
-        hits.append(SearchHit(tile_id=int(tile_ids[i]), row=_int_or(t.get("row"), -1), col=_int_or(t.get("col"), -1),
-                              score=float(s), caption=str(t.get("caption") or ""),
-                              confidence=None if conf is None else float(conf)))
-    return hits
+        with search_threads():
+            return _ranked(store, matrix, mask, cap, queries, k, gpkg_path)
+
+
+def _ranked(store, matrix, mask, cap, queries, k, gpkg_path) -> list[list[SearchHit]]:
+    dim = store.embed_dim
+    # one text at a time: a batch pads the texts and moves the last float bits, and a query must
+    # score the same alone or in a file of queries
+    q = np.concatenate([np.asarray(cap.embed_texts([t]), dtype=np.float32) for t in queries])
+    if q.shape[-1] != dim:  # another model's vectors: ranking them would be nonsense
+        raise StoreError(f"{gpkg_path} holds {dim}-d embeddings but model {cap.model_id} "
+                         f"makes {q.shape[-1]}-d ones; search it with the model that captioned it")
+    approx = matrix.approx_scores(q)  # one pass over the float16 matrix for every query
+    picks = [_candidates(row, mask, k) for row in approx]
+    exact = _stored_vectors(store, matrix.tile_ids[np.unique(np.concatenate(picks))])
+    ranked = [_rerank(matrix, cand, exact, qv, k) for cand, qv in zip(picks, q)]
+    attrs = _attributes(store, sorted({t for hits in ranked for t, _ in hits}))
+    return [[_hit(t, score, attrs.get(t, {})) for t, score in hits] for hits in ranked]
+
+
+@contextlib.contextmanager
+def search_threads():
+    """One intra-op thread while searching (``RSCAPTION_SEARCH_THREADS`` to change): a query's
+    tensors are tiny and the matrix product is memory-bound, so more threads buy nothing on an idle
+    machine and, on a shared one, wait on each other at every barrier (seen: a 30 ms text
+    embedding taking 0.9 s at load 7 on 2 cores). torch's OpenMP setting is per calling thread,
+    and it is restored afterwards."""
+    import torch
+
+    want = max(1, int(os.environ.get("RSCAPTION_SEARCH_THREADS") or 1))
+    old = torch.get_num_threads()
+    if old != want:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if old != want:
+            torch.set_num_threads(old)
+
+
+def _candidates(scores: np.ndarray, mask, k: int) -> np.ndarray:
+    """Rows that can be in the exact top ``k``: every row whose float16 score is within twice the
+    error bound of the k-th best one (ascending row numbers)."""
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+        valid = int(mask.sum())
+    else:
+        valid = len(scores)
+    kk = min(max(0, int(k)), valid)
+    if kk == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = scores[np.argpartition(-scores, kk - 1)[:kk]].min()
+    return np.flatnonzero(scores >= kth - 2 * EXACT_MARGIN)
+
+
+def _stored_vectors(store: TileStore, tile_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """The float32 vectors of a few tiles, by primary key."""
+    return store.embeddings_of([int(t) for t in tile_ids])
+
+
+def _rerank(matrix, cand: np.ndarray, exact: dict, q: np.ndarray, k: int) -> list[tuple[int, float]]:
+    ids = matrix.tile_ids[cand]
+    have = np.array([int(t) in exact for t in ids], dtype=bool)
+    ids = ids[have]
+    if len(ids) == 0:
+        return []
+    # float64 sums of the float32 vectors: a row's score does not depend on which rows it is
+    # scored with (BLAS blocking would change the last float32 bits and reorder near-ties)
+    vecs = np.stack([exact[int(t)] for t in ids]).astype(np.float64)
+    scores = vecs @ q.astype(np.float32).astype(np.float64)
+    order = np.lexsort((np.arange(len(ids)), -scores))[: max(0, k)]  # ties: tile_id order, as rank()
+    return [(int(ids[i]), float(scores[i])) for i in order]
+
+
+def _attributes(store: TileStore, tile_ids: list[int]) -> dict[int, dict]:
+    return store.tiles_by_id(tile_ids) if tile_ids else {}
+
+
+def _hit(tile_id: int, score: float, t: dict) -> SearchHit:
+    conf = t.get("confidence")
+    return SearchHit(tile_id=int(tile_id), row=_int_or(t.get("row"), -1), col=_int_or(t.get("col"), -1),
+                     score=float(score), caption=str(t.get("caption") or ""),
+                     confidence=None if conf is None else float(conf))
 
 
 def _int_or(value, default: int) -> int:

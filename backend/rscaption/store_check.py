@@ -76,8 +76,13 @@ def validate(conn: sqlite3.Connection, path: str, table: str, format_version: in
     for key in OBJECT_KEYS + OBJECT_OR_NULL_KEYS:
         if key in meta and not isinstance(meta[key], dict) and not (meta[key] is None and key in OBJECT_OR_NULL_KEYS):
             raise StoreError(f"{path}: metadata '{key}' must be an object, got {_type_name(meta[key])}")
-    sizes = dict(conn.execute("SELECT length(embedding), count(*) FROM rscaption_embeddings GROUP BY 1"))
-    if sizes and 4 * dim not in sizes:  # not one vector of the declared size: a foreign or rewritten file
+    # Not one vector of the declared size: a foreign or rewritten file. EXISTS stops at the first
+    # good row, so opening a 10^6-tile file does not read every embedding; the sizes are only
+    # counted for the message.
+    (good,) = conn.execute("SELECT EXISTS (SELECT 1 FROM rscaption_embeddings WHERE length(embedding) = ?)",
+                           (4 * dim,)).fetchone()
+    sizes = {} if good else dict(conn.execute("SELECT length(embedding), count(*) FROM rscaption_embeddings GROUP BY 1"))
+    if sizes:
         found = ", ".join(str((n or 0) // 4) for n in sorted(sizes, key=lambda n: n or 0))
         raise StoreError(f"{path}: its embeddings have {found} values but the metadata says embed_dim {dim}")
     return meta

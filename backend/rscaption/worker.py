@@ -250,22 +250,23 @@ class Worker:
         return _summary_dict(summary)
 
     def _do_search(self, req: dict) -> dict:
-        from .search import search_store
+        """One query -> ``hits``; ``queries`` -> ``results`` [{query, hits}], one model load. The
+        embedding matrix stays in memory between requests while the file is unchanged."""
+        from .search import search_queries
 
         device = req.get("device") or self.requested_device
         model = self._model(req["model"], device) if req.get("model") else self._store_model(req["gpkg"], device)
-        hits = search_store(req["gpkg"], req["query"], k=req.get("k") or 10, model=model, device=device,
-                            min_confidence=req.get("min_confidence"))
-        rows = [
-            {
-                "tile_id": _plain(h.tile_id), "row": int(h.row), "col": int(h.col),
-                "score": clean_float(h.score), "caption": h.caption,
-                "confidence": None if h.confidence is None else clean_float(h.confidence),
-            }
-            for h in hits
-        ]
-        self.out.send("result", cmd="search", hits=rows)
-        return {"count": len(rows)}
+        grouped = req.get("queries") is not None
+        queries = list(req["queries"]) if grouped else [req["query"]]
+        results = search_queries(req["gpkg"], queries, k=req.get("k") or 10, model=model, device=device,
+                                 min_confidence=req.get("min_confidence"), bbox=req.get("bbox"),
+                                 where=req.get("where"))
+        rows = [[_hit_row(h) for h in hits] for hits in results]
+        if grouped:
+            self.out.send("result", cmd="search", results=[{"query": q, "hits": r} for q, r in zip(queries, rows)])
+            return {"count": sum(len(r) for r in rows), "queries": len(queries)}
+        self.out.send("result", cmd="search", hits=rows[0])
+        return {"count": len(rows[0])}
 
     def _do_similar(self, req: dict) -> dict:
         from .similar import similar  # embeddings only: no model load
