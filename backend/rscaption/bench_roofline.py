@@ -183,9 +183,39 @@ def stage_split(cap, raster: str, tile: int, n_tiles: int, fast: bool, threads: 
                                 if t[k] > 0 and (k != "confidence" or not fast)}}
 
 
+def thread_placement(cap, threads: int, beam: int, reps: int = 2) -> dict:
+    """ms per tile to decode a batch of 8 with ``threads`` intra-op threads, called from the
+    process's main thread (what the earlier CLI did) and from a fresh thread (the engine's
+    workers), alternating.  On the shared test machine the main thread's OpenMP team was the one
+    that collapsed under load."""
+    from .local_engine import torch_threads
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((8, cap.embed_dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def decode_ms():
+        t0 = time.perf_counter()
+        cap.caption(emb, beam_size=beam, calibrated=False)
+        return 1e3 * (time.perf_counter() - t0) / len(emb)
+
+    out = {"threads": threads, "main_thread_ms": [], "fresh_thread_ms": []}
+    box = {}
+    with torch_threads(threads):
+        decode_ms()
+        for _ in range(reps):
+            out["main_thread_ms"].append(round(decode_ms(), 1))
+            th = threading.Thread(target=lambda: box.update(v=decode_ms()))
+            th.start()
+            th.join()
+            out["fresh_thread_ms"].append(round(box["v"], 1))
+    return out
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
-def _run(cap, raster, out, tile, baseline: bool, workers=None, limit_s: float = 40.0) -> tuple[float, object]:
+def _run(cap, raster, out, tile, baseline: bool, workers=None, limit_s: float = 40.0,
+         plain: bool | None = None) -> tuple[float, object]:
     """Tiles/s of one run, cancelled after ``limit_s`` so a slow baseline on a busy machine cannot
     blow the benchmark's time (the rate of a cancelled run counts its written tiles)."""
     from .pipeline import caption_raster
@@ -193,7 +223,7 @@ def _run(cap, raster, out, tile, baseline: bool, workers=None, limit_s: float = 
 
     if os.path.exists(out):
         os.remove(out)
-    cm = plain_modules(cap) if baseline else contextlib.nullcontext()
+    cm = plain_modules(cap) if (baseline if plain is None else plain) else contextlib.nullcontext()
     t0 = time.perf_counter()
     with cm:
         s = caption_raster(raster, out, model=cap, tiling=TilingParams(tile_size=tile), batch_size=8,
@@ -237,14 +267,18 @@ def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int 
         report["matmul"] = matmul_peak()
         report["split_baseline"] = stage_split(cap, raster, tile, split_tiles, False, default_threads, beam)
         report["split_optimised"] = stage_split(cap, raster, tile, split_tiles, True, 1, beam)
-        runs = {"baseline": [], "optimised": [], "one_worker_all_threads": []}
+        report["decode_thread_placement"] = thread_placement(cap, default_threads, beam)
+        runs = {"baseline": [], "optimised": [], "one_worker_all_threads": [], "plain_modules_in_engine": []}
         summaries = {}
-        order = ("baseline", "optimised", "one_worker_all_threads", "optimised", "baseline")
+        order = ("baseline", "optimised", "one_worker_all_threads", "plain_modules_in_engine", "optimised",
+                 "baseline")
+        cores = plan_workers(torch.device("cpu"))[0]
         for name in order:  # alternating, so drift in the machine's load hits both
-            cores = plan_workers(torch.device("cpu"))[0]
+            extra = name in ("one_worker_all_threads", "plain_modules_in_engine")
             rate, s = _run(cap, raster, os.path.join(d, f"{name}.gpkg"), tile, name == "baseline",
                            workers=1 if name == "one_worker_all_threads" else None,
-                           limit_s=limit_s / 2 if name == "one_worker_all_threads" else limit_s)
+                           limit_s=limit_s / 2 if extra else limit_s,
+                           plain=name in ("baseline", "plain_modules_in_engine"))
             runs[name].append(round(rate, 2))
             summaries[name] = s
         report["end_to_end"] = {
@@ -252,6 +286,7 @@ def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int 
             "tiles_done": {k: s.written for k, s in summaries.items()},
             "baseline_tiles_per_s": runs["baseline"], "optimised_tiles_per_s": runs["optimised"],
             f"one_worker_{cores}_threads_tiles_per_s": runs["one_worker_all_threads"],
+            "plain_modules_in_engine_tiles_per_s": runs["plain_modules_in_engine"],
             "speedup": round(max(runs["optimised"]) / max(runs["baseline"]), 2),
             "optimised_stages": summaries["optimised"].stages,
             "same_output": compare_outputs(os.path.join(d, "baseline.gpkg"), os.path.join(d, "optimised.gpkg"))}
@@ -282,11 +317,16 @@ def print_report(r: dict) -> None:
                           for k, v in s["gflops_achieved"].items())
         print(f"  {label:9s} {s['ms_per_tile']} ms/tile in one stage-by-stage pass ({s['threads']} threads): {shares}")
         print(f"            {rates}; GFLOP/tile {s['gflop_per_tile']}")
+    tp = r["decode_thread_placement"]
+    print(f"  decoding with {tp['threads']} threads: {tp['main_thread_ms']} ms/tile from the main thread, "
+          f"{tp['fresh_thread_ms']} ms/tile from a fresh thread")
     o = e["overlap"]
     one = next(v for k, v in e.items() if k.startswith("one_worker_"))
     print(f"  end to end ({e['tiles']} tiles planned, runs time-boxed at {e['time_box_s']:.0f} s): baseline "
           f"{e['baseline_tiles_per_s']} tiles/s, local engine {e['optimised_tiles_per_s']} tiles/s "
-          f"({r['engine_plan']['workers']} workers x 1 thread): {e['speedup']}x; one worker with all threads {one}")
+          f"({r['engine_plan']['workers']} workers x 1 thread): {e['speedup']}x")
+    print(f"  variants: one worker with all threads {one} tiles/s; the engine's threads with the plain "
+          f"modules (no folding, no caption cache) {e['plain_modules_in_engine_tiles_per_s']} tiles/s")
     print(f"  load average before/after: {r['load_average_before']} / {r['load_average_after']}")
     print(f"  overlap: read {o['read_s']} s and write {o['write_s']} s beside the workers; workers waited "
           f"{o['workers_waiting_for_tiles_s']} s for tiles ({100 * o['waiting_share_of_worker_time']:.1f}% of their time)")
