@@ -324,3 +324,38 @@ def test_search_cli_still_prints_a_plain_list_for_one_query(store, tiny_model_di
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)
     assert isinstance(hits, list) and len(hits) == 3 and set(hits[0]) >= {"tile_id", "score", "caption"}
+
+
+# -- the text tower alone ----------------------------------------------------------------------------------
+def test_text_tower_alone_gives_the_full_models_vectors_and_hash(tiny_model_dir):
+    from rscaption.models.registry import load_model
+    from rscaption.models.text_query import load_text_query_model
+
+    texts = ["a river with green banks", "dense residential area", "x", "a very long caption " * 40,
+             "Ünïcode   spaces\tand CAPS!"]
+    alone = load_text_query_model("default")
+    full = load_model("default", device="cpu")
+    assert alone.model_hash == full.model_hash and alone.model_id == full.model_id == "default"
+    want = np.concatenate([full.embed_texts([t]) for t in texts])
+    assert np.abs(alone.embed_texts(texts) - want).max() < 1e-5
+    assert load_text_query_model(tiny_model_dir) is None  # an open_clip checkpoint: the full model is used
+
+
+def test_cold_search_loads_neither_the_image_tower_nor_transformers(tmp_path):
+    from rscaption.models.text_query import load_text_query_model
+    from rscaption.synthetic_store import write_synthetic_store
+
+    m = load_text_query_model("default")
+    path = write_synthetic_store(tmp_path / "d.gpkg", 400, m.embed_dim, {"id": "default", "hash": m.model_hash},
+                                 centres=m.embed_texts(list(WORDS)), chunk=100)
+    want = search_store(path, "a river", k=5, model=m)
+    code = ("import json, sys\nfrom rscaption.search import search_store\n"
+            f"hits = search_store({path!r}, 'a river', k=5)\n"
+            "print(json.dumps([[h.tile_id, h.score] for h in hits]))\n"
+            "print(json.dumps(sorted(n for n in ('timm', 'transformers', 'torchvision') if n in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "backend")})
+    assert out.returncode == 0, out.stderr
+    hits, loaded = (json.loads(line) for line in out.stdout.splitlines()[-2:])
+    assert [t for t, _ in hits] == [h.tile_id for h in want] and "river" in want[0].caption
+    assert loaded == []

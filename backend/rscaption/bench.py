@@ -142,6 +142,9 @@ def main() -> int:
     from .bench_roofline import bench_local_engine, print_report as print_roofline
 
     report["roofline"] = bench_local_engine(cap)  # docs/performance.md
+    from .bench_search import bench_search_scale, print_search
+
+    report["search"] = bench_search_scale(cap)  # docs/performance.md, "Search at scale"
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -156,6 +159,7 @@ def main() -> int:
         p = report["pipeline"]
         print(f"pipeline  {p['tiles']} tiles of {p['raster']} in {p['seconds']} s: {p['tiles_per_s']} tiles/s")
     print_roofline(report["roofline"])
+    print_search(report["search"])
     print(f"written {out}")
     return 0
 
