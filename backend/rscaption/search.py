@@ -131,15 +131,15 @@ def search_queries(gpkg_path: str, queries: list[str], k: int = 10, model=None, 
             return [[] for _ in queries]  # nothing to rank: no model needed
         if model_error is not None:
             raise model_error
-        with search_threads():
-            return _ranked(store, matrix, mask, cap, queries, k, gpkg_path)
+        return _ranked(store, matrix, mask, cap, queries, k, gpkg_path)
 
 
 def _ranked(store, matrix, mask, cap, queries, k, gpkg_path) -> list[list[SearchHit]]:
     dim = store.embed_dim
     # one text at a time: a batch pads the texts and moves the last float bits, and a query must
     # score the same alone or in a file of queries
-    q = np.concatenate([np.asarray(cap.embed_texts([t]), dtype=np.float32) for t in queries])
+    with search_threads():
+        q = np.concatenate([np.asarray(cap.embed_texts([t]), dtype=np.float32) for t in queries])
     if q.shape[-1] != dim:  # another model's vectors: ranking them would be nonsense
         raise StoreError(f"{gpkg_path} holds {dim}-d embeddings but model {cap.model_id} "
                          f"makes {q.shape[-1]}-d ones; search it with the model that captioned it")
@@ -153,11 +153,12 @@ def _ranked(store, matrix, mask, cap, queries, k, gpkg_path) -> list[list[Search
 
 @contextlib.contextmanager
 def search_threads():
-    """One intra-op thread while searching (``RSCAPTION_SEARCH_THREADS`` to change): a query's
-    tensors are tiny and the matrix product is memory-bound, so more threads buy nothing on an idle
-    machine and, on a shared one, wait on each other at every barrier (seen: a 30 ms text
-    embedding taking 0.9 s at load 7 on 2 cores). torch's OpenMP setting is per calling thread,
-    and it is restored afterwards."""
+    """One intra-op thread while embedding query texts (``RSCAPTION_SEARCH_THREADS`` to change): a
+    query's tensors are tiny, so more threads buy nothing on an idle machine and, on a shared one,
+    wait on each other at every one of the model's small ops (seen: a 30 ms text embedding taking
+    0.9 s at load 7 on 2 cores). The one big matrix product keeps torch's threads: it has a
+    single barrier and reads 0.5 GB at 10^6 tiles, where a second core helps. torch's OpenMP
+    setting is per calling thread, and it is restored afterwards."""
     import torch
 
     want = max(1, int(os.environ.get("RSCAPTION_SEARCH_THREADS") or 1))
@@ -174,16 +175,19 @@ def search_threads():
 def _candidates(scores: np.ndarray, mask, k: int) -> np.ndarray:
     """Rows that can be in the exact top ``k``: every row whose float16 score is within twice the
     error bound of the k-th best one (ascending row numbers)."""
+    import torch
+
     if mask is not None:
-        scores = np.where(mask, scores, -np.inf)
-        valid = int(mask.sum())
+        scores = np.where(mask, scores, np.float32(-np.inf))
+        valid = int(np.count_nonzero(mask))
     else:
         valid = len(scores)
     kk = min(max(0, int(k)), valid)
     if kk == 0:
         return np.zeros(0, dtype=np.int64)
-    kth = scores[np.argpartition(-scores, kk - 1)[:kk]].min()
-    return np.flatnonzero(scores >= kth - 2 * EXACT_MARGIN)
+    # torch's top-k: a few ms on 10^6 scores where numpy's argpartition takes several times that
+    kth = float(torch.topk(torch.from_numpy(scores), kk, sorted=False).values.min())
+    return np.flatnonzero(scores >= np.float32(kth - 2 * EXACT_MARGIN))
 
 
 def _stored_vectors(store: TileStore, tile_ids: np.ndarray) -> dict[int, np.ndarray]:

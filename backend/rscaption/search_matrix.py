@@ -90,15 +90,14 @@ class SearchMatrix:
         return len(self.tile_ids)
 
     def approx_scores(self, queries: np.ndarray) -> np.ndarray:
-        """[Q, N] float32 dot products of float16 rows and float16 queries (float32 accumulation)."""
+        """[Q, N] float32: dot products of the float16 rows and queries (float32 accumulation), one
+        pass over the matrix for all queries."""
         import torch
 
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float16).T)
-        if self.rows == 0:
-            return np.zeros((q.shape[1], 0), dtype=np.float32)
         with torch.inference_mode():
             out = torch.mm(torch.from_numpy(self.vectors), torch.from_numpy(q))
-        return out.float().numpy().T
+            return out.T.float().numpy()  # float16 arithmetic on the CPU is slow: select in float32
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Row numbers of the given tile ids (ids not in the matrix are left out)."""
