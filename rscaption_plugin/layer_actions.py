@@ -27,7 +27,8 @@ class SimilarTileActions:
                                    iface.mainWindow())
         self.tree_action.setObjectName("rscaption_similar_layer")
         self.tree_action.triggered.connect(lambda *_: self.similar_for_layer(self.iface.activeLayer()))
-        iface.addCustomActionForLayerType(self.tree_action, "rscaption", QgsMapLayerType.VectorLayer, False)
+        # "" puts it straight into the menu, not into a submenu; False: only for layers added below
+        iface.addCustomActionForLayerType(self.tree_action, "", QgsMapLayerType.VectorLayer, False)
         self.feature_actions: dict[str, QgsMapLayerAction] = {}
         project = QgsProject.instance()
         project.layersAdded.connect(self._layers_added)
