@@ -15,7 +15,7 @@ from rasterio.transform import from_origin
 
 from rscaption.errors import RasterError
 from rscaption.gpkg import TileStore
-from rscaption.local_engine import plan_workers, run_batches
+from rscaption.local_engine import MAX_WORKERS, plan_workers, run_batches
 from rscaption.models.inference import embed_texts_cached
 from rscaption.models.tiny import build_tiny_captioner
 from rscaption.pipeline import caption_raster
@@ -115,7 +115,8 @@ def test_worker_plan_uses_the_cores_this_process_may_run_on():
     import os
 
     cores = len(os.sched_getaffinity(0))
-    assert plan_workers(torch.device("cpu")) == (cores, 1)
+    n = min(cores, MAX_WORKERS)
+    assert plan_workers(torch.device("cpu")) == (n, cores // n)
     assert plan_workers(torch.device("cpu"), 1) == (1, cores)
     assert plan_workers("cuda:0")[0] == 1
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 POLL_S = 0.1  # how often blocked threads look at the stop flag and the caller's cancel
+# Beyond this many workers the Python parts of decoding (beam bookkeeping) contend for the GIL;
+# more cores become intra-op threads of each worker instead.
+MAX_WORKERS = 8
 
 
 def usable_cores() -> int:
@@ -206,11 +209,12 @@ def run_batches(read: Callable, tiles: Sequence, batch_size: int, step: Callable
 
 def plan_workers(device, requested: int | None = None) -> tuple[int, int | None]:
     """(model workers, intra-op threads per worker; None leaves torch's setting alone).  On the CPU
-    one single-threaded worker per usable core; on a GPU one worker feeds the device."""
+    one single-threaded worker per usable core (up to MAX_WORKERS, then the cores are shared out as
+    threads); on a GPU one worker feeds the device."""
     if getattr(device, "type", str(device)) != "cpu":
         return 1, None
     cores = usable_cores()
-    n = max(1, int(requested)) if requested else cores
+    n = max(1, int(requested)) if requested else min(cores, MAX_WORKERS)
     return n, max(1, cores // n)
 
 
