@@ -153,7 +153,7 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                    confirm_large: bool = False, workers: int | None = None) -> RunSummary:
     """Caption every (non-nodata) tile of a raster into a searchable GeoPackage.
 
-    ``workers``: model threads of the local engine (None: one per usable core on the CPU, see
+    ``workers``: model threads of the local engine (None: one per usable core on the CPU, up to 8; see
     local_engine.py); 0 runs the sequential loop of earlier versions, the benchmark's baseline.
 
     ``tiling=None`` picks the tile size from the raster's ground resolution (auto); ``tile_choice``
