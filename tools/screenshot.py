@@ -64,10 +64,8 @@ SHOT = textwrap.dedent(r"""
     request = dlg.build_request()
     request.layer_name = "captions"
     run = plugin.start_caption(request)
-    from qgis.PyQt.QtGui import QColor
+    # no restyling here: the layer, the selection and the highlights are drawn as users see them
     from qgis.PyQt.QtWidgets import QDockWidget
-    QgsProject.instance().setSelectionColor(QColor(255, 255, 0, 70))
-    iface.mapCanvas().setSelectionColor(QColor(255, 255, 0, 70))
     for d in iface.mainWindow().findChildren(QDockWidget):
         if d.objectName() in ("Browser", "Browser2", "AdvancedDigitizingTools", "ProcessingToolbox"):
             d.hide()
@@ -96,7 +94,6 @@ SHOT = textwrap.dedent(r"""
         if not state["searched"]:
             print("CAPTION", run.outcome, flush=True)
             tiles = run.layer
-            tiles.setLabelsEnabled(False)
             iface.setActiveLayer(tiles)
             dock.set_layer(tiles)
             state["searched"] = True
@@ -119,9 +116,9 @@ SHOT = textwrap.dedent(r"""
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--raster", default=str(DEFAULT_RASTER))
-    p.add_argument("--query", default="houses and roads")
+    p.add_argument("--query", default="green farmland")
     p.add_argument("--model", default=None, help="default (when installed) or a checkpoint dir; else a tiny model")
-    p.add_argument("--tile-size", type=int, default=128, help="0: the model card's (NAIP at 5 m: 128 px gives 48 tiles)")
+    p.add_argument("--tile-size", type=int, default=0, help="0: auto, from the ground resolution and the model card")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
     p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
