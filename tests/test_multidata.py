@@ -180,3 +180,66 @@ def test_scene_loss_counts_every_right_class_and_ignores_other_sets_classes():
     # plain class indices still work (the CLIP trainer's path)
     assert torch.allclose(scene_loss(logits, torch.tensor([3]), 0.0),
                           torch.nn.functional.cross_entropy(logits, torch.tensor([3])))
+
+
+def test_scene_grouped_batches_hold_runs_of_one_scene_and_keep_every_draw():
+    from rscaption.training.contrastive import grouped_order
+
+    rng = np.random.default_rng(0)
+    keys = np.array([i % 5 for i in range(300)] + [-1] * 100)  # 5 scenes of 60 samples, 100 ungrouped
+    order = rng.permutation(400)
+    out = grouped_order(order, keys, per_group=8, batch_size=32, rng=np.random.default_rng(1))
+    assert len(out) == len(order) and sorted(out) == sorted(order)
+    batches = [out[i:i + 32] for i in range(0, len(out), 32)]
+    grouped = [b for b in batches if all(len(set(keys[b[j:j + 8]])) == 1 and keys[b[j]] >= 0
+                                         for j in range(0, len(b), 8))]
+    # 5 scenes x 7 full runs of 8 = 35 runs -> 8 batches of 4 runs; the rest is random batches
+    assert len(grouped) == 8
+    for b in grouped:
+        assert len(set(keys[b])) <= 4  # a grouped batch spans at most 4 scenes: in-scene negatives
+    ungrouped = np.concatenate([b for b in batches if not any(b is g for g in grouped)])
+    assert set(np.flatnonzero(keys < 0)) <= set(ungrouped)
+    # no grouping asked (or a run size that does not divide the batch): the order is untouched
+    assert np.array_equal(grouped_order(order, keys, 1, 32, rng), order)
+    assert np.array_equal(grouped_order(order, keys, 7, 32, rng), order)
+
+
+def test_coarser_views_of_fine_detail_scenes_are_never_drawn(tmp_path, vocab):
+    """A blurred golf course is a smooth green patch: its coarser views must not teach the model
+    that every 5 m field is a golf course (scene_vocab.yaml ``coarse_views: false``)."""
+    rng = np.random.default_rng(0)
+    for cls, n in (("golf course", 2), ("farmland", 1), ("meadow", 1)):
+        for k in range(n):
+            (tmp_path / "train" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "train" / cls / f"{k}.png")
+    ms = load_multiset({"sets": [{"name": "mine", "kind": "folder", "path": str(tmp_path), "weight": 3.0,
+                                  "views": [0, 1, 23, 26]}]}, str, [0], vocab)
+    assert vocab.fine_detail == {vocab.names.index("golf_course")}
+    pos, _ = ms.scene_targets("train")
+    golf = pos[:, vocab.names.index("golf_course")]
+    assert golf.sum() == 2
+    coarse_golf = golf[ms.train.sample_record] & (ms.train.sample_view >= 20)
+    assert coarse_golf.sum() == 4 and not ms.drawable[coarse_golf].any() and ms.drawable[~coarse_golf].all()
+    for seed in range(5):
+        order = ms.epoch_order(np.random.default_rng(seed))
+        assert len(order) == 12 and not coarse_golf[order].any()
+        # golf course images still come in their fine views
+        assert golf[ms.train.sample_record[order]].any()
+
+
+def test_scene_grouping_config_keys_only_the_named_sets(tmp_path, vocab):
+    from rscaption.training.lit_stages import epoch_order, scene_keys
+
+    ms = load_multiset(_write_sets(tmp_path), str, [0], vocab)
+    pos, _ = ms.scene_targets("train")
+    keys = scene_keys(ms, pos, ["rsicd"])
+    in_rsicd = ms.train.sample_set == 0
+    assert (keys[~in_rsicd] == -1).all() and (keys[in_rsicd] >= 0).all()
+    # the two farmland images share a key in both views, the pond image has its own
+    assert len(set(keys[in_rsicd].tolist())) == 2
+    assert epoch_order(ms, pos, {}) == ms.epoch_order
+    grouped = epoch_order(ms, pos, {"group_by_scene": {"sets": ["rsicd"], "per_scene": 2}, "batch_size": 4})
+    order = grouped(np.random.default_rng(0))
+    assert sorted(order) == sorted(ms.epoch_order(np.random.default_rng(0)))
+    with pytest.raises(TrainError, match="unknown sets: nope"):
+        epoch_order(ms, pos, {"group_by_scene": {"sets": ["nope"], "per_scene": 2}})

@@ -219,6 +219,39 @@ def epoch_loop(opt, base_lrs: list[float], n_items: int, batch_size: int, epochs
     return history
 
 
+def grouped_order(order: np.ndarray, keys: np.ndarray, per_group: int, batch_size: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """``order`` rearranged so that batches are made of ``per_group``-sized runs of samples that
+    share a key (the image's set and scene); samples with a negative key stay in random batches.
+
+    Random batches over ~40 scenes hold almost no two images of one scene, so the contrastive loss
+    only ever separates scenes and retrieval within a scene stays near chance; batches of a few
+    scenes make the other images of the same scene the negatives. The result has the same length
+    and the same samples as ``order``; grouped and random batches are shuffled together."""
+    order = np.asarray(order)
+    if per_group <= 1 or batch_size % per_group:
+        return order
+    k = np.asarray(keys)[order]
+    runs, rest = [], [order[k < 0]]
+    for key in np.unique(k[k >= 0]):
+        idx = order[k == key]
+        idx = idx[rng.permutation(len(idx))]
+        full = len(idx) // per_group * per_group
+        runs += [idx[i:i + per_group] for i in range(0, full, per_group)]
+        rest.append(idx[full:])
+    runs = [runs[i] for i in rng.permutation(len(runs))]
+    per_batch = batch_size // per_group
+    full = len(runs) // per_batch * per_batch
+    batches = [np.concatenate(runs[i:i + per_batch]) for i in range(0, full, per_batch)]
+    left = np.concatenate(runs[full:] + rest)
+    left = left[rng.permutation(len(left))]
+    batches += [left[i:i + batch_size] for i in range(0, len(left), batch_size)]
+    tail = [b for b in batches if len(b) < batch_size]
+    batches = [b for b in batches if len(b) == batch_size]
+    batches = [batches[i] for i in rng.permutation(len(batches))] + tail
+    return np.concatenate(batches) if batches else order
+
+
 def multi_positive_mask(caps: list[int], images, cap_sets: list[set]) -> torch.Tensor:
     """``[i, j]`` true when caption ``caps[j]`` is one of image ``images[i]``'s sentences."""
     return torch.tensor([[c in cap_sets[i] for c in caps] for i in images])

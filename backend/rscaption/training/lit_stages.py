@@ -168,9 +168,33 @@ def stage_contrastive(run, plan, enc, pretrained_enc, prompts, rng, save_checkpo
     targets = (pos[srec], allowed[srec])
     hist = train_head(trainer, tr, targets, sample_caps, tf["captions"], cfg, rng, log=run.log,
                       val=(va, (vpos, vallowed), plan.val.record_set, [s.spec.name for s in plan.sets]),
-                      start_epoch=start, on_epoch_end=save, order_fn=plan.epoch_order)
+                      start_epoch=start, on_epoch_end=save, order_fn=epoch_order(plan, pos, cfg))
     acc = hist[-1]["val_accuracy"] if hist else None
     return {"epochs": int(cfg.get("epochs", 8)), "val_accuracy": acc}
+
+
+def scene_keys(plan, pos: np.ndarray, sets) -> np.ndarray:
+    """Per train sample: (set, first right scene) for the named sets, -1 for the others."""
+    first = np.where(pos.any(1), pos.argmax(1), -1)[plan.train.sample_record]
+    chosen = np.isin(plan.train.sample_set, [i for i, s in enumerate(plan.sets) if s.spec.name in set(sets)])
+    return np.where(chosen & (first >= 0), plan.train.sample_set * 10_000 + first, -1)
+
+
+def epoch_order(plan, pos: np.ndarray, cfg: dict):
+    """The plan's weighted epoch draws, batched by scene for ``contrastive.group_by_scene``:
+    ``{sets: [names], per_scene: N}`` (see ``contrastive.grouped_order``)."""
+    g = cfg.get("group_by_scene") or {}
+    per, sets = int(g.get("per_scene", 0)), g.get("sets") or []
+    if per <= 1 or not sets:
+        return plan.epoch_order
+    from .contrastive import grouped_order
+
+    unknown = set(sets) - {s.spec.name for s in plan.sets}
+    if unknown:
+        raise TrainError(f"contrastive.group_by_scene names unknown sets: {', '.join(sorted(unknown))}")
+    keys = scene_keys(plan, pos, sets)
+    bs = int(cfg.get("batch_size", 64))
+    return lambda rng: grouped_order(plan.epoch_order(rng), keys, per, bs, rng)
 
 
 def stage_embed(run, plan, enc, pretrained_enc) -> dict:

@@ -174,6 +174,7 @@ class MultiSet:
         self.vocab = vocab
         self.train = self._samples("train")
         self.val = self._samples("val")
+        self.drawable = self._drawable()
 
     def _samples(self, split: str) -> Samples:
         recs, rset, srec, sview, sset = [], [], [], [], []
@@ -208,12 +209,25 @@ class MultiSet:
             allowed[i, s.label_space] = True
         return pos, allowed
 
+    def _drawable(self) -> np.ndarray:
+        """Train samples that epochs may draw: not a coarser-resolution view of an image whose
+        scene is one of the vocabulary's fine-detail classes (``coarse_views: false``)."""
+        from .features import SCALE_VIEW_BASE
+
+        ok = np.ones(len(self.train), bool)
+        fine = sorted(self.vocab.fine_detail)
+        if fine:
+            pos, _ = self.scene_targets("train")
+            fine_img = pos[:, fine].any(1)
+            ok &= ~((self.train.sample_view >= SCALE_VIEW_BASE) & fine_img[self.train.sample_record])
+        return ok
+
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         """Train sample indices for one epoch: ``round(weight * n_images)`` draws per set, spread
-        over its views without repeats until every sample of the set was drawn once."""
+        over its drawable views without repeats until every such sample of the set was drawn once."""
         out = []
         for si, s in enumerate(self.sets):
-            idx = np.flatnonzero(self.train.sample_set == si)
+            idx = np.flatnonzero((self.train.sample_set == si) & self.drawable)
             want = int(round(s.spec.weight * len(s.train)))
             reps = [rng.permutation(idx) for _ in range(-(-want // max(1, len(idx))))]
             out.append(np.concatenate(reps)[:want] if reps else idx[:0])

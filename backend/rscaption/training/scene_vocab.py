@@ -28,6 +28,7 @@ class SceneVocab:
     phrases: list[str]
     datasets: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     captions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    fine_detail: set[int] = field(default_factory=set)  # classes whose coarser views are not drawn
 
     @classmethod
     def load(cls, path=None) -> "SceneVocab":
@@ -53,7 +54,8 @@ class SceneVocab:
             datasets[_norm(ds)] = table
         captions = {_norm(ds): {_norm(lb): [str(c) for c in caps] for lb, caps in labels.items()}
                     for ds, labels in (raw.get("captions") or {}).items()}
-        return cls(names, phrases, datasets, captions)
+        fine = {index[n] for n in names if (classes[n] or {}).get("coarse_views", True) is False}
+        return cls(names, phrases, datasets, captions, fine)
 
     def __len__(self) -> int:
         return len(self.names)
