@@ -186,13 +186,19 @@ def cold(path: Path) -> dict:
 
 def startup() -> dict:
     wall, peak, cpu = _run_measured(_STARTUP, [], _env())
-    return {"model_load_only_s": round(wall, 2), "model_load_only_peak_mb": peak, "model_load_only_cpu_s": round(cpu, 2)}
+    full = _run_measured(_STARTUP_FULL, [], _env())
+    return {"model_load_only_s": round(wall, 2), "model_load_only_peak_mb": peak, "model_load_only_cpu_s": round(cpu, 2),
+            "full_model_load_s": round(full[0], 2), "full_model_load_peak_mb": full[1],
+            "full_model_load_cpu_s": round(full[2], 2)}
 
 
 # The part of a cold call that does not depend on the file: interpreter, torch, the default model,
 # one text embedding. The difference to cold_cli_s is what search itself costs cold.
 _STARTUP = _PEAK + ("from rscaption.search import load_search_model\n"
                     "load_search_model('default').embed_texts(['a river'])\npeak()\n")
+# the same with the whole captioner, as every search loaded it before
+_STARTUP_FULL = _PEAK + ("from rscaption.models.registry import load_model\n"
+                         "load_model('default', device='cpu').embed_texts(['a river'])\npeak()\n")
 
 
 def bench_search_scale(cap=None) -> dict:
@@ -230,7 +236,8 @@ def print_search(report: dict) -> None:
     print(f"search    {report['model']} ({report['embed_dim']}-d), {report['cores']} cores, load average "
           f"{report['load_before'][0]} -> {report['load_after'][0]}; cold start without search (interpreter, "
           f"torch, text tower, one embedding): {report['model_load_only_s']} s wall, "
-          f"{report['model_load_only_cpu_s']} s CPU, {report['model_load_only_peak_mb']} MB")
+          f"{report['model_load_only_cpu_s']} s CPU, {report['model_load_only_peak_mb']} MB (whole captioner: "
+          f"{report['full_model_load_s']} s, {report['full_model_load_cpu_s']} s CPU, {report['full_model_load_peak_mb']} MB)")
     print(f"{'tiles':>9} {'warm ms':>8} {'(cpu)':>6} {'rank ms':>8} {'(cpu)':>6} {'where 1st/again':>16} "
           f"{'cold s':>7} {'(cpu)':>6} {'10 q s':>7} {'peak MB':>8} {'load copy/table s':>18} {'vs old':>7}")
     for r in report["sizes"]:
