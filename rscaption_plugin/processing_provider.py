@@ -143,6 +143,8 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
             raster = check_raster(layer)
         except RasterSourceError as exc:
             raise QgsProcessingException(str(exc)) from None
+        # read now: the layer may be gone (removed from the project) by the end of a long run
+        layer_name = layer.name()
         extent = None
         if parameters.get(self.EXTENT):
             rect = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
@@ -194,7 +196,7 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
             problem = store_default_style(out)  # the file carries its own style (reopened, shared)
             if problem:
                 feedback.pushInfo(f"style not saved into {out}: {problem}")
-            details = QgsProcessingContext.LayerDetails(f"{layer.name()} captions", context.project(), self.OUTPUT)
+            details = QgsProcessingContext.LayerDetails(f"{layer_name} captions", context.project(), self.OUTPUT)
             context.addLayerToLoadOnCompletion(f"{out}|layername=tiles", details)
         return {self.OUTPUT: out, "WRITTEN": summary.get("written", 0), "SUMMARY": json.dumps(summary)}
 

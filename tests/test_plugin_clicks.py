@@ -370,3 +370,59 @@ def test_set_up_backend_menu_action_start_and_stop_buttons(plugin, tmp_path):  #
     click(dlg.diag_button)
     assert "rscaption diagnostics" in QGuiApplication.clipboard().text()
     dlg.close()
+
+
+# -- Processing dialogs -----------------------------------------------------------------------------
+@pytest.fixture
+def processing_dialogs(plugin, qgis_iface):
+    """The Processing plugin's own algorithm dialogs; pytest-qgis's iface has no browser model,
+    which their parameter panel needs, so it gets the real one QGIS would give."""
+    from qgis.gui import QgsBrowserGuiModel
+
+    sys.path.append("/usr/share/qgis/python/plugins")  # Debian's Processing plugin
+    processing = pytest.importorskip("processing")
+    from processing.core.Processing import Processing
+
+    Processing.initialize()
+    model = QgsBrowserGuiModel()
+    qgis_iface.browserModel = lambda: model
+    yield processing
+    del qgis_iface.browserModel
+
+
+def _run_dialog(processing, alg_id, params, timeout=180):
+    from qgis.PyQt.QtWidgets import QTextEdit
+
+    dlg = processing.createAlgorithmDialog(alg_id, params)
+    dlg.show()
+    click(dlg.runButton())
+    log = dlg.findChild(QTextEdit, "txtLog")
+    assert wait_until(lambda: dlg.wasExecuted() or "failed" in log.toPlainText().lower(), timeout), log.toPlainText()
+    return dlg, log.toPlainText()
+
+
+def test_processing_caption_and_search_dialogs_run_from_their_run_buttons(processing_dialogs, geotiff, tiny,
+                                                                          tmp_path):  # noqa: F811
+    import json
+
+    raster = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
+    QgsProject.instance().addMapLayer(raster)
+    out = tmp_path / "dialog.gpkg"
+    dlg, log = _run_dialog(processing_dialogs, "rscaption:caption", {
+        "INPUT": raster, "TILE_SIZE": 256, "MODEL": tiny, "BACKEND": 1, "DEVICE": "cpu", "OUTPUT": str(out)})
+    assert dlg.wasExecuted(), log
+    assert "backend: inprocess on cpu" in log
+    results = dlg.results()
+    assert results["OUTPUT"] == str(out) and results["WRITTEN"] == gpkg_tile_count(out) > 0
+    assert json.loads(results["SUMMARY"])["written"] == results["WRITTEN"]
+    dlg.close()
+
+    layer = tile_layer(out, "dialog tiles")
+    search, log = _run_dialog(processing_dialogs, "rscaption:search", {
+        "INPUT": layer, "QUERY": "a river", "K": 3, "BACKEND": 1, "DEVICE": "cpu", "OUTPUT": "memory:"})
+    assert search.wasExecuted(), log
+    from rscaption.search import search_store
+
+    hits = json.loads(search.results()["HITS"])
+    assert [h["tile_id"] for h in hits] == [h.tile_id for h in search_store(str(out), "a river", k=3)]
+    search.close()
