@@ -103,3 +103,16 @@ def test_worker_answers_similar_without_loading_a_model(captioned):
     assert [m["type"] for m in msgs if m["type"] in ("done", "error")] == ["done", "error"]
     assert "tile 424242 is not in" in [m for m in msgs if m["type"] == "error"][0]["message"]
     assert worker._models == {}  # no model was loaded for it
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('{"cmd": "similar", "gpkg": "a.gpkg"}', "missing 'tile_id'"),
+    ('{"cmd": "similar", "gpkg": "a.gpkg", "tile_id": "7"}', "'tile_id' must be int"),
+    ('{"cmd": "similar", "gpkg": "a.gpkg", "tile_id": 7, "k": 0}', "'similar' request: 'k' must be at least 1"),
+    ('{"cmd": "similar", "gpkg": "a.gpkg", "tile_id": 7, "min_confidence": 2}', "between 0 and 1"),
+])
+def test_bad_similar_requests_are_rejected_with_a_reason(line, fragment):
+    from rscaption.protocol import ProtocolError, parse_request
+
+    with pytest.raises(ProtocolError, match=fragment):
+        parse_request(line)
