@@ -359,3 +359,9 @@ def test_cold_search_loads_neither_the_image_tower_nor_transformers(tmp_path):
     hits, loaded = (json.loads(line) for line in out.stdout.splitlines()[-2:])
     assert [t for t, _ in hits] == [h.tile_id for h in want] and "river" in want[0].caption
     assert loaded == []
+    # only search asks for the text tower: `rscaption check --repair` still gets a captioner
+    from rscaption.search import model_for_store
+
+    with TileStore.open(path) as store:
+        assert not model_for_store(store, text_only=True).can_caption
+        assert model_for_store(store).can_caption

@@ -49,9 +49,12 @@ def load_search_model(name, device=None):
     return load_text_query_model(name) or load_model(name, device=device)
 
 
-def model_for_store(store: TileStore, model=None, device=None):
-    """The model recorded in the store (text tower only where possible), or an explicit one whose
-    hash matches."""
+def model_for_store(store: TileStore, model=None, device=None, text_only: bool = False):
+    """The model recorded in the store, or an explicit one whose hash matches. ``text_only``: for
+    search, just the text tower where the checkpoint allows it (it cannot caption)."""
+    from .models.registry import load_model
+
+    loader = load_search_model if text_only else load_model
 
     meta = store.metadata().get("model", {})
     want_hash = meta.get("hash")
@@ -62,7 +65,7 @@ def model_for_store(store: TileStore, model=None, device=None):
         cap, errors = None, []
         for name in [c for c in candidates if c]:
             try:
-                cap = load_search_model(name, device=device)
+                cap = loader(name, device=device)
             except ModelError as e:
                 errors.append(str(e))
                 continue
@@ -118,12 +121,12 @@ def search_queries(gpkg_path: str, queries: list[str], k: int = 10, model=None, 
 
     with TileStore.open(gpkg_path, readonly=True) as store:
         if model is not None and not isinstance(model, (str, os.PathLike)):
-            (matrix, mask), cap, model_error = rows(), model_for_store(store, model, device), None
+            (matrix, mask), cap, model_error = rows(), model_for_store(store, model, device, True), None
         else:  # a cold call: read the matrix (sqlite, numpy: no GIL) while torch and the model load
             with ThreadPoolExecutor(1, thread_name_prefix="rscaption-matrix") as pool:
                 pending = pool.submit(rows)
                 try:
-                    cap, model_error = model_for_store(store, model, device), None
+                    cap, model_error = model_for_store(store, model, device, text_only=True), None
                 except (ModelError, StoreError) as exc:
                     cap, model_error = None, exc
                 matrix, mask = pending.result()

@@ -288,7 +288,7 @@ class Worker:
             meta = store.metadata().get("model", {}) or {}
             key = ("store", meta.get("id"), meta.get("hash"), device)
             if key not in self._models:
-                cap = model_for_store(store, None, device)
+                cap = model_for_store(store, None, device, text_only=True)  # search only: the text tower
                 self._models.clear()
                 self._models[key] = cap
         return self._models[key]
