@@ -163,6 +163,7 @@ class SearchDock(QgsDockWidget):
         self.searching = True
         self.error = None
         self.search_button.setEnabled(False)
+        self.similar_button.setEnabled(False)
         self._status(f"searching '{query}'…")
         self.task = SearchTask(gpkg_path_of(layer), query, self.k_spin.value(), settings.backend_mode,
                                settings.python(), device=settings.device,

@@ -159,9 +159,10 @@ def test_search_toolbar_button_toggles_the_dock_and_enter_and_button_search(plug
     assert len(by_enter) == 4 and shown_tiles(dock) == by_enter
     type_into(dock.query_edit, "dense residential area")
     click(dock.search_button)
-    assert dock.searching and not dock.search_button.isEnabled()  # runs as a task, button greyed
+    # runs as a task; both buttons wait for it
+    assert dock.searching and not dock.search_button.isEnabled() and not dock.similar_button.isEnabled()
     assert wait_until(lambda: not dock.searching, 120) and dock.error is None, dock.error
-    assert dock.search_button.isEnabled() and len(dock.hits) == 4
+    assert dock.search_button.isEnabled() and dock.similar_button.isEnabled() and len(dock.hits) == 4
     from rscaption.search import search_store
 
     assert [h["tile_id"] for h in dock.hits] == [h.tile_id for h in search_store(str(captioned), "dense residential area", k=4)]
