@@ -189,7 +189,7 @@ def test_search_on_a_corrupted_geopackage(tmp_path, capsys, good_gpkg, table):
      "(see rscaption caption --help)"),
     (["caption", "a.tif"], "rscaption caption: error: the following arguments are required: -o/--output "
                            "(see rscaption caption --help)"),
-    (["search", "x.gpkg"], "rscaption search: error: the following arguments are required: query "
+    (["search", "x.gpkg"], "rscaption search: error: the following arguments are required: query or --queries FILE "
                            "(see rscaption search --help)"),
     (["fly"], None),
 ])

@@ -203,9 +203,12 @@ def test_queries_file_errors_are_one_line(store, tiny_model_dir, tmp_path, capsy
              (["--queries", str(blank)], "has no queries"),
              (["--queries", str(tmp_path)], "is a directory"),
              (["--queries", str(binary)], "is not UTF-8"),
-             ([], "give a query, or --queries FILE")]
+             ([], "the following arguments are required: query or --queries FILE")]
     for extra, fragment in cases:
-        rc = cli_main(["search", str(store), *extra, "--model", tiny_model_dir])
+        try:
+            rc = cli_main(["search", str(store), *extra, "--model", tiny_model_dir])
+        except SystemExit as exc:  # argparse's own one-line error
+            rc = exc.code
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and fragment in err, (extra, err)
 

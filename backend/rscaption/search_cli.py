@@ -40,6 +40,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--where", metavar="EXPR", default=None,
                    help="rank only tiles matching this SQLite expression over the layer's columns, "
                         "e.g. \"confidence >= 0.5\" or \"caption LIKE '%%river%%'\"")
+    p.set_defaults(search_parser=p)  # "one of query / --queries" is checked after parsing, in its words
 
 
 def read_queries(path: str) -> list[str]:
@@ -75,7 +76,11 @@ def run_search(args) -> int:
 
     queries = ([args.query] if args.query else []) + (read_queries(args.queries) if args.queries else [])
     if not queries:
-        raise RscaptionError("give a query, or --queries FILE with one query per line")
+        message = "the following arguments are required: query or --queries FILE"
+        parser = getattr(args, "search_parser", None)
+        if parser is not None:
+            parser.error(message)  # one line, exit 2, like every other argument mistake
+        raise RscaptionError(message)
     results = search_queries(args.gpkg, queries, k=args.k, model=args.model, device=args.device,
                              min_confidence=args.min_confidence, bbox=args.bbox, where=args.where)
     grouped = args.queries is not None
