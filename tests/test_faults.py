@@ -24,6 +24,7 @@ import pytest
 
 from conftest import ROOT
 from rscaption.cli import main
+from rscaption.errors import StoreError
 from rscaption.gpkg import TileStore
 from rscaption.run_lock import RunLock, lock_path
 from test_bad_inputs import one_error_line, run_main
@@ -110,7 +111,8 @@ def test_lock_semantics_in_one_process(tmp_path):
     taken over; the lock file goes when the run ends."""
     out = tmp_path / "o.gpkg"
     with RunLock(out):
-        with pytest.raises(Exception, match=rf"pid {os.getpid()} since "):
+        with pytest.raises(StoreError, match=rf"^{re.escape(str(out))} is being written by another rscaption run "
+                                             rf"\(pid {os.getpid()} since "):
             RunLock(out).acquire()
     assert not os.path.exists(lock_path(out))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
