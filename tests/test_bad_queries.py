@@ -35,8 +35,8 @@ def test_empty_query_is_one_line(gpkg, capsys, query):
     rc, err = run_main(capsys, "search", gpkg, query)
     # "" reaches the CLI's own check (with --queries FILE a query may be left out), blanks the search's
     assert rc == 2 and one_error_line(err) in ("rscaption: error: the search query is empty",
-                                               "rscaption: error: give a query, or --queries FILE with one "
-                                               "query per line")
+                                               "rscaption search: error: the following arguments are required: "
+                                               "query or --queries FILE (see rscaption search --help)")
 
 
 @pytest.mark.parametrize("query", [
