@@ -99,6 +99,22 @@ def _resolve_model(model, device):
     return model
 
 
+def run_setup(model, device, raster_path: str, tiling: TilingParams | None, tile_choice, language: str,
+              beam_size: int | None):
+    """What every engine settles before it opens the output: the model (an unknown language fails
+    here, before anything is written), the beam width (the card's by default: the confidence was
+    calibrated on those captions), the tiling and tile-size choice, and the raster's fingerprint."""
+    cap = _resolve_model(model, device)
+    cap.decoder(language)
+    beam_size = int(beam_size or (getattr(cap, "card", {}) or {}).get("beam_size") or 1)
+    if tiling is None:
+        tile_choice = tile_choice_for(cap, raster_path)
+        tiling = TilingParams(tile_size=tile_choice.tile_px)
+    elif tile_choice is None or tile_choice.tile_px != tiling.tile_size:
+        tile_choice = tile_choice_for(cap, raster_path, tiling.tile_size, tiling.target_resolution)
+    return cap, beam_size, tiling, tile_choice, raster_fingerprint(raster_path)
+
+
 def tile_choice_for(cap, raster=None, requested: int | str | None = None,
                     target_resolution: float | None = None) -> TileChoice:
     """The tile size for ``raster`` (a path, or its output metres per pixel) and how it was chosen:
@@ -167,16 +183,8 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
         raise StoreError(f"{out_gpkg} is a directory; give a .gpkg file path for the output")
     if os.path.exists(out_gpkg) and os.path.exists(raster_path) and os.path.samefile(out_gpkg, raster_path):
         raise StoreError(f"the output {out_gpkg} is the input raster; choose another .gpkg file")
-    cap = _resolve_model(model, device)
-    cap.decoder(language)  # an unknown language fails before any output is written
-    # the model card's beam width by default: a calibrated confidence was fitted on those captions
-    beam_size = int(beam_size or (getattr(cap, "card", {}) or {}).get("beam_size") or 1)
-    if tiling is None:
-        tile_choice = tile_choice_for(cap, raster_path)
-        tiling = TilingParams(tile_size=tile_choice.tile_px)
-    elif tile_choice is None or tile_choice.tile_px != tiling.tile_size:
-        tile_choice = tile_choice_for(cap, raster_path, tiling.tile_size, tiling.target_resolution)
-    fp = raster_fingerprint(raster_path)
+    cap, beam_size, tiling, tile_choice, fp = run_setup(model, device, raster_path, tiling, tile_choice,
+                                                        language, beam_size)
     model_hash = cap.model_hash
     model_id = cap.model_id
 

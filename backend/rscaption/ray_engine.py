@@ -26,8 +26,7 @@ import time
 from collections import deque
 
 from .errors import RscaptionError, StoreError
-from .pipeline import (RunSummary, _claim_language, _open_store, _refuse_all_nodata, _resolve_model, caption_batch,
-                       raster_fingerprint, tile_choice_for, tile_key)
+from .pipeline import RunSummary, _claim_language, _open_store, _refuse_all_nodata, caption_batch, run_setup, tile_key
 from .rasterpath import check_raster_path, worker_path
 from .run_lock import RunLock
 from .run_size import check_run_size
@@ -113,15 +112,9 @@ def caption_raster_ray(raster_path: str, out_gpkg: str, model="default", model_s
         model_spec = str(model)
     if os.path.isdir(model_spec):
         model_spec = os.path.abspath(model_spec)
-    cap = _resolve_model(model, "cpu")  # the driver only needs the hash, card and embedding size
-    cap.decoder(language)
-    beam_size = int(beam_size or (getattr(cap, "card", {}) or {}).get("beam_size") or 1)
-    if tiling is None:
-        tile_choice = tile_choice_for(cap, raster_path)
-        tiling = TilingParams(tile_size=tile_choice.tile_px)
-    elif tile_choice is None or tile_choice.tile_px != tiling.tile_size:
-        tile_choice = tile_choice_for(cap, raster_path, tiling.tile_size, tiling.target_resolution)
-    fp = raster_fingerprint(raster_path)
+    # the driver only needs the model's hash, card and embedding size: its copy stays on the CPU
+    cap, beam_size, tiling, tile_choice, fp = run_setup(model, "cpu", raster_path, tiling, tile_choice,
+                                                        language, beam_size)
 
     owns_ray = _connect(ray, address)
     try:
