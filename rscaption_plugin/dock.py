@@ -156,6 +156,13 @@ class SearchDock(QgsDockWidget):
         if layer is None or not is_tile_layer(layer):
             self._status("choose a layer made by rscaption (a GeoPackage with its embeddings)")
             return None
+        return self._start(f"searching '{query}'…", lambda settings: SearchTask(
+            gpkg_path_of(layer), query, self.k_spin.value(), settings.backend_mode, settings.python(),
+            device=settings.device, on_finished=lambda outcome, lid=layer.id(): self._finished(outcome, lid),
+            min_confidence=self.confidence_spin.value() or None))
+
+    def _start(self, status: str, make_task):
+        """One ranking task at a time (search or similar): both buttons stay greyed until it ends."""
         if self.searching:
             self._status("a search is already running")
             return None
@@ -164,11 +171,8 @@ class SearchDock(QgsDockWidget):
         self.error = None
         self.search_button.setEnabled(False)
         self.similar_button.setEnabled(False)
-        self._status(f"searching '{query}'…")
-        self.task = SearchTask(gpkg_path_of(layer), query, self.k_spin.value(), settings.backend_mode,
-                               settings.python(), device=settings.device,
-                               on_finished=lambda outcome, lid=layer.id(): self._finished(outcome, lid),
-                               min_confidence=self.confidence_spin.value() or None)
+        self._status(status)
+        self.task = make_task(settings)
         QgsApplication.taskManager().addTask(self.task)
         return self.task
 
@@ -197,21 +201,10 @@ class SearchDock(QgsDockWidget):
             count = layer.selectedFeatureCount()
             self._status("select one tile on the map first" + (f" ({count} are selected)" if count > 1 else ""))
             return None
-        if self.searching:
-            self._status("a search is already running")
-            return None
-        settings = PluginSettings.load()
-        self.searching = True
-        self.error = None
-        self.search_button.setEnabled(False)
-        self.similar_button.setEnabled(False)
-        self._status(f"finding tiles like tile {tile_id}…")
-        self.task = SimilarTask(gpkg_path_of(layer), tile_id, self.k_spin.value(), settings.backend_mode,
-                                settings.python(), min_confidence=self.confidence_spin.value() or None,
-                                on_finished=lambda outcome, lid=layer.id(): self._finished(
-                                    outcome, lid, f"tile(s) like tile {tile_id}"))
-        QgsApplication.taskManager().addTask(self.task)
-        return self.task
+        return self._start(f"finding tiles like tile {tile_id}…", lambda settings: SimilarTask(
+            gpkg_path_of(layer), tile_id, self.k_spin.value(), settings.backend_mode, settings.python(),
+            min_confidence=self.confidence_spin.value() or None,
+            on_finished=lambda outcome, lid=layer.id(): self._finished(outcome, lid, f"tile(s) like tile {tile_id}")))
 
     def _finished(self, outcome, layer_id: str, what: str = "match(es)") -> None:
         self.searching = False

@@ -177,6 +177,14 @@ def _inprocess_search(gpkg: str, query: str, k: int, model: str | None, device,
 
 
 # -- subprocess ------------------------------------------------------------------------------------
+def hits_of(results: list[dict], cmd: str) -> list[dict]:
+    """The hits of the worker's ``cmd`` result among the messages a subprocess run returned."""
+    for res in results:
+        if res.get("cmd") == cmd:
+            return list(res.get("hits") or [])
+    return []
+
+
 def _subprocess_run(python: str, device, cmd: str, fields: dict, cb: Callbacks) -> tuple[dict, list]:
     from .backend_client import POOL, BackendError
 
@@ -247,10 +255,7 @@ def run_search(gpkg: str, query: str, k: int, mode: str, python: str | None, mod
         fields = {"gpkg": gpkg, "query": query, "k": int(k), "model": resolve_model(model) if model else None,
                   "device": device, "min_confidence": float(min_confidence) if min_confidence else None}
         _, results = _subprocess_run(python, device, "search", fields, cb)
-        for res in results:
-            if res.get("cmd") == "search":
-                return list(res.get("hits") or [])
-        return []
+        return hits_of(results, "search")
     except RunError as exc:
         raise RunError(gui_wording(str(exc))) from None
     except Exception as exc:

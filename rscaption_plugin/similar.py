@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import traceback
 
-from qgis.core import Qgis, QgsTask
-
-from .runner import Callbacks, RunError, _subprocess_run
-from .tasks import Outcome, log
+from .runner import Callbacks, RunError, _subprocess_run, hits_of
+from .tasks import RankTask
 from .wording import gui_wording
 
 
@@ -52,10 +50,7 @@ def run_similar(gpkg: str, tile_id: int, k: int, mode: str, python: str | None,
         fields = {"gpkg": gpkg, "tile_id": int(tile_id), "k": int(k),
                   "min_confidence": float(min_confidence) if min_confidence else None}
         _, results = _subprocess_run(python, None, "similar", fields, cb)
-        for res in results:
-            if res.get("cmd") == "similar":
-                return list(res.get("hits") or [])
-        return []
+        return hits_of(results, "similar")
     except RunError as exc:
         raise RunError(gui_wording(str(exc))) from None
     except Exception as exc:
@@ -63,36 +58,15 @@ def run_similar(gpkg: str, tile_id: int, k: int, mode: str, python: str | None,
         raise RunError(f"finding similar tiles failed: {type(exc).__name__}: {exc}") from exc
 
 
-class SimilarTask(QgsTask):
+class SimilarTask(RankTask):
     """Ranks a layer's tiles by likeness to one tile; the outcome goes to ``on_finished`` on the GUI thread."""
 
     def __init__(self, gpkg: str, tile_id: int, k: int, mode: str, python: str | None, on_finished=None,
                  min_confidence: float | None = None):
-        super().__init__(f"rscaption: tiles like tile {tile_id}", QgsTask.Flag.CanCancel)
+        super().__init__(f"rscaption: tiles like tile {tile_id}", on_finished)
         self.gpkg, self.tile_id, self.k = gpkg, int(tile_id), int(k)
         self.mode, self.python, self.min_confidence = mode, python, min_confidence
-        self._on_finished = on_finished
-        self.outcome = Outcome(ok=False)
 
-    def run(self) -> bool:
-        def on_backend(info):
-            self.outcome.backend = dict(info)
-
-        try:
-            self.outcome.hits = run_similar(self.gpkg, self.tile_id, self.k, self.mode, self.python,
-                                            min_confidence=self.min_confidence,
-                                            cb=Callbacks(on_backend=on_backend, should_cancel=self.isCanceled))
-        except RunError as exc:
-            self.outcome.error = str(exc)
-            return False
-        except Exception as exc:  # never let an exception escape into QGIS's thread pool
-            self.outcome.error = f"{type(exc).__name__}: {exc}"
-            log(traceback.format_exc(), Qgis.MessageLevel.Critical)
-            return False
-        return True
-
-    def finished(self, result: bool) -> None:
-        self.outcome.ok = bool(result)
-        self.outcome.cancelled = self.isCanceled()
-        if self._on_finished is not None:
-            self._on_finished(self.outcome)
+    def rank(self, cb: Callbacks) -> list:
+        return run_similar(self.gpkg, self.tile_id, self.k, self.mode, self.python,
+                           min_confidence=self.min_confidence, cb=cb)

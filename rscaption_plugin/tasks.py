@@ -91,31 +91,28 @@ class CaptionTask(QgsTask):
             self._on_finished(self.outcome)
 
 
-class SearchTask(QgsTask):
-    """Embeds the query with the model's text tower and ranks the stored tile embeddings."""
+class RankTask(QgsTask):
+    """A ranking of the layer's tiles off the GUI thread (search, similar tiles): ``hits`` and any
+    error go into ``outcome``, which ``on_finished`` gets on the GUI thread."""
 
-    def __init__(self, gpkg: str, query: str, k: int, mode: str, python: str | None, model=None,
-                 device=None, on_finished=None, min_confidence: float | None = None):
-        super().__init__(f"rscaption: search '{query}'", QgsTask.Flag.CanCancel)
-        self.min_confidence = min_confidence
-        self.gpkg, self.query, self.k = gpkg, query, k
-        self.mode, self.python, self.model, self.device = mode, python, model, device
+    def __init__(self, title: str, on_finished=None):
+        super().__init__(title, QgsTask.Flag.CanCancel)
         self._on_finished = on_finished
         self.outcome = Outcome(ok=False)
+
+    def rank(self, cb: Callbacks) -> list:
+        raise NotImplementedError
 
     def run(self) -> bool:
         def on_backend(info):
             self.outcome.backend = dict(info)
 
         try:
-            self.outcome.hits = run_search(self.gpkg, self.query, self.k, self.mode, self.python,
-                                           model=self.model, device=self.device,
-                                           cb=Callbacks(on_backend=on_backend, should_cancel=self.isCanceled),
-                                           min_confidence=self.min_confidence)
+            self.outcome.hits = self.rank(Callbacks(on_backend=on_backend, should_cancel=self.isCanceled))
         except RunError as exc:
             self.outcome.error = str(exc)
             return False
-        except Exception as exc:
+        except Exception as exc:  # never let an exception escape into QGIS's thread pool
             self.outcome.error = f"{type(exc).__name__}: {exc}"
             log(traceback.format_exc(), Qgis.MessageLevel.Critical)
             return False
@@ -126,3 +123,18 @@ class SearchTask(QgsTask):
         self.outcome.cancelled = self.isCanceled()
         if self._on_finished is not None:
             self._on_finished(self.outcome)
+
+
+class SearchTask(RankTask):
+    """Embeds the query with the model's text tower and ranks the stored tile embeddings."""
+
+    def __init__(self, gpkg: str, query: str, k: int, mode: str, python: str | None, model=None,
+                 device=None, on_finished=None, min_confidence: float | None = None):
+        super().__init__(f"rscaption: search '{query}'", on_finished)
+        self.min_confidence = min_confidence
+        self.gpkg, self.query, self.k = gpkg, query, k
+        self.mode, self.python, self.model, self.device = mode, python, model, device
+
+    def rank(self, cb: Callbacks) -> list:
+        return run_search(self.gpkg, self.query, self.k, self.mode, self.python, model=self.model,
+                          device=self.device, cb=cb, min_confidence=self.min_confidence)
