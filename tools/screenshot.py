@@ -155,7 +155,9 @@ def main(argv=None) -> int:
            "model": model, "tile_size": args.tile_size}
     shot = work / "shot.py"
     shot.write_text(SHOT.replace("__CFG__", repr(json.dumps(cfg))), encoding="utf-8")
-    env = dict(os.environ, HOME=str(home), HF_HUB_OFFLINE="1")
+    # GDAL_PAM_ENABLED=NO: QGIS computes the raster layer's statistics for its renderer and would
+    # save them as RASTER.aux.xml beside the shared input
+    env = dict(os.environ, HOME=str(home), HF_HUB_OFFLINE="1", GDAL_PAM_ENABLED="NO")
     env.pop("QT_QPA_PLATFORM", None)
     cmd = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", "qgis", "--nologo", "--noversioncheck", "--code", str(shot)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
