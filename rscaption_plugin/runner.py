@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -177,6 +178,22 @@ def _inprocess_search(gpkg: str, query: str, k: int, model: str | None, device,
 
 
 # -- subprocess ------------------------------------------------------------------------------------
+@contextmanager
+def gui_errors(what: str):
+    """Every failure of a backend call as one RunError sentence in the GUI's words: backend
+    messages reworded (no command-line options), a bug as "WHAT failed: ..." with the traceback
+    in the log. A large-run refusal passes as is: the GUI asks with its own words (large_run.py)."""
+    try:
+        yield
+    except LargeRunRefused:
+        raise
+    except RunError as exc:
+        raise RunError(gui_wording(str(exc))) from None
+    except Exception as exc:
+        traceback.print_exc()
+        raise RunError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def hits_of(results: list[dict], cmd: str) -> list[dict]:
     """The hits of the worker's ``cmd`` result among the messages a subprocess run returned."""
     for res in results:
@@ -225,18 +242,11 @@ def run_caption(job: CaptionJob, mode: str, python: str | None, cb: Callbacks | 
     """Returns the run summary (dict of RunSummary); raises RunError."""
     cb = cb or Callbacks()
     mode = resolve_mode(mode, python)
-    try:
+    with gui_errors("captioning"):
         if mode == "inprocess":
             return _inprocess_caption(job, cb)
         summary, _ = _subprocess_run(python, job.request_fields()["device"], "caption", job.request_fields(), cb)
         return summary
-    except LargeRunRefused:  # kept as is: the GUI asks with its own words (large_run.py)
-        raise
-    except RunError as exc:
-        raise RunError(gui_wording(str(exc))) from None
-    except Exception as exc:  # a bug, but the user still deserves a sentence and the log a traceback
-        traceback.print_exc()
-        raise RunError(f"captioning failed: {type(exc).__name__}: {exc}") from exc
 
 
 def run_search(gpkg: str, query: str, k: int, mode: str, python: str | None, model: str | None = None,
@@ -247,7 +257,7 @@ def run_search(gpkg: str, query: str, k: int, mode: str, python: str | None, mod
     cb = cb or Callbacks()
     mode = resolve_mode(mode, python)
     device = None if device in (None, "", "auto") else device
-    try:
+    with gui_errors("search"):
         if mode == "inprocess":
             if cb.on_backend:
                 cb.on_backend({"mode": "inprocess"})
@@ -256,8 +266,3 @@ def run_search(gpkg: str, query: str, k: int, mode: str, python: str | None, mod
                   "device": device, "min_confidence": float(min_confidence) if min_confidence else None}
         _, results = _subprocess_run(python, device, "search", fields, cb)
         return hits_of(results, "search")
-    except RunError as exc:
-        raise RunError(gui_wording(str(exc))) from None
-    except Exception as exc:
-        traceback.print_exc()
-        raise RunError(f"search failed: {type(exc).__name__}: {exc}") from exc

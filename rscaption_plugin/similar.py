@@ -9,11 +9,8 @@ worker. Results come back as the same hit dicts as text search, so the dock show
 
 from __future__ import annotations
 
-import traceback
-
-from .runner import Callbacks, RunError, _subprocess_run, hits_of
+from .runner import Callbacks, RunError, _subprocess_run, gui_errors, hits_of
 from .tasks import RankTask
-from .wording import gui_wording
 
 
 def _inprocess_available() -> bool:
@@ -33,7 +30,7 @@ def run_similar(gpkg: str, tile_id: int, k: int, mode: str, python: str | None,
     itself excluded; raises RunError with a one-line message."""
     cb = cb or Callbacks()
     mode = (mode or "auto").lower()
-    try:
+    with gui_errors("finding similar tiles"):
         if mode != "subprocess" and _inprocess_available():
             from rscaption.errors import RscaptionError
             from rscaption.similar import similar
@@ -51,11 +48,6 @@ def run_similar(gpkg: str, tile_id: int, k: int, mode: str, python: str | None,
                   "min_confidence": float(min_confidence) if min_confidence else None}
         _, results = _subprocess_run(python, None, "similar", fields, cb)
         return hits_of(results, "similar")
-    except RunError as exc:
-        raise RunError(gui_wording(str(exc))) from None
-    except Exception as exc:
-        traceback.print_exc()
-        raise RunError(f"finding similar tiles failed: {type(exc).__name__}: {exc}") from exc
 
 
 class SimilarTask(RankTask):
