@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sqlite3
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +18,11 @@ from affine import Affine
 from rscaption.gpkg import TileStore
 from rscaption.local_engine import usable_cores
 from rscaption.tiling import RasterTiler, TilingParams
+from conftest import ROOT
 from test_bad_inputs import one_error_line, run_main
+
+sys.path.insert(0, str(ROOT / "tools"))
+from kill_soak import integrity  # noqa: E402  (the fault tests' PRAGMA integrity_check)
 
 UTM = "EPSG:32633"
 
@@ -58,14 +62,6 @@ def caption(capsys, model, raster, out, *extra):
 def tiles_of(out) -> list[dict]:
     with TileStore.open(out) as store:
         return store.tiles()
-
-
-def integrity(out) -> str:
-    con = sqlite3.connect(out)
-    try:
-        return con.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        con.close()
 
 
 # -- files that are not (whole) rasters ---------------------------------------------------------------
