@@ -167,7 +167,7 @@ def _inprocess_search(gpkg: str, query: str, k: int, model: str | None, device,
                 key = ("store", meta.get("id"), meta.get("hash"), device)
                 with _MODEL_LOCK:
                     if key not in _MODEL_CACHE:
-                        found = model_for_store(store, None, device)
+                        found = model_for_store(store, None, device, text_only=True)  # search needs the text tower only
                         _MODEL_CACHE.clear()
                         _MODEL_CACHE[key] = found
                     cap = _MODEL_CACHE[key]
