@@ -104,7 +104,7 @@ def test_a_caption_naming_a_scene_the_image_doubts_gets_a_lower_confidence(tmp_p
     from rscaption.models.scene import FEATURES
 
     head = _head()
-    head.feature_names = FEATURES
+    head.feature_names = FEATURES[:5]
     head.weights = [0.0, 0.0, 0.0, 0.0, 2.0]
     head.bias = 2.0
     emb = np.zeros((2, 8), np.float32)
@@ -118,4 +118,80 @@ def test_a_caption_naming_a_scene_the_image_doubts_gets_a_lower_confidence(tmp_p
     # without caption text (a language the text tower cannot read) the top scene is assumed
     assert np.allclose(head.confidence(emb, [0.9, 0.9]), right)
     back = SceneHead.load(head.save(tmp_path), tmp_path)
-    assert back.feature_names == FEATURES and np.allclose(back.confidence(emb, [0.9, 0.9], says_beach), wrong)
+    assert back.feature_names == FEATURES[:5] and np.allclose(back.confidence(emb, [0.9, 0.9], says_beach), wrong)
+    assert back.class_prototypes is None  # heads saved before the labelled prototypes load as they were
+
+
+def test_labelled_prototypes_place_an_image_among_each_scenes_training_images(tmp_path):
+    from rscaption.models.scene import FEATURES
+    from rscaption.training.calibrate_stage import class_prototypes
+
+    rng = np.random.default_rng(0)
+    # class 0 ("forest") has two kinds of training image (directions 0 and 4), class 1 one (direction 1)
+    x = np.concatenate([np.eye(8)[[0]] + 0.03 * rng.normal(size=(100, 8)),
+                        np.eye(8)[[4]] + 0.03 * rng.normal(size=(100, 8)),
+                        np.eye(8)[[1]] + 0.03 * rng.normal(size=(100, 8))]).astype(np.float32)
+    pos = np.zeros((300, 4), bool)
+    pos[:200, 0] = pos[200:, 1] = True
+    centres, owner = class_prototypes(x, pos, per_class=2, rng=rng)
+    assert sorted(owner.tolist()) == [0, 0, 1, 1]  # classes 2 and 3 have no training images: none
+    head = _head()
+    head.class_prototypes, head.class_owner = centres, owner
+    head.feature_names = FEATURES
+    head.weights = [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]
+    head.bias = 2.0
+    img = np.eye(8, dtype=np.float32)[[4]]  # like the second kind of forest, unlike forest's prompt
+    q = head.prototype_posterior(img)
+    assert q[0, 0] > 0.99 and q[0, 2] == 0.0 and q[0, 3] == 0.0
+    says_forest, says_river = np.eye(8, dtype=np.float32)[[0]], np.eye(8, dtype=np.float32)[[1]]
+    assert head.confidence(img, [0.9], says_forest)[0] > 0.8
+    assert head.confidence(img, [0.9], says_river)[0] < 0.2
+    back = SceneHead.load(head.save(tmp_path), tmp_path)
+    assert back.feature_names == FEATURES and np.array_equal(back.class_owner, owner)
+    assert np.allclose(back.confidence(img, [0.9], says_river), head.confidence(img, [0.9], says_river), atol=1e-3)
+
+
+def test_cross_fitting_scores_every_image_with_the_model_of_the_other_half():
+    from rscaption.evaluation.calibration import sigmoid
+    from rscaption.training.calibrate_stage import cross_fitted
+
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(400, 2))
+    correct = rng.random(400) < sigmoid(2.0 * feats[:, 0] - 0.5)
+    calib = split_halves(np.zeros(400, int), 0)
+    conf = cross_fitted(feats, correct, calib, l2=1e-2)
+    for fit in (calib, ~calib):
+        w, b = fit_logistic(feats[fit], correct[fit], l2=1e-2)
+        assert np.allclose(conf[~fit], sigmoid(feats[~fit] @ w + b))
+    assert auroc(conf, correct) > 0.75 and ece(conf, correct) < 0.1
+
+
+def test_a_scene_never_seen_that_coarse_is_not_claimed(tmp_path):
+    """"beach" was only seen at 0.3 m: on a 5 m tile the caption falls back to the beam's next
+    hypothesis naming a plausible scene, else to an honest uncertain caption without it."""
+    head = _head(low=0.3)
+    head.feature_names = ("top_logit", "margin", "prototype_sim", "lm_logprob", "caption_scene_logprob")
+    head.weights, head.bias = [0.0, 0.0, 0.0, 0.0, 2.0], 2.0
+    head.class_max_ground_m = [None, 2.4, None, 0.3]  # forest, river, farmland, beach
+    emb = np.zeros((2, 8), np.float32)
+    emb[:, 3] = 1.0                                    # both images look like beach
+    emb[:, 0] = 0.9                                    # ... and a little like forest
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    text = {"a sandy beach.": 3, "a wide beach.": 3, "some forest.": 0}
+    embed = lambda texts: np.eye(8, dtype=np.float32)[[text[t] for t in texts]]  # noqa: E731
+    caps = [("a sandy beach.", 0.9), ("a sandy beach.", 0.9)]
+    alts = [[("a wide beach.", 0.8), ("some forest.", 0.7)], [("a wide beach.", 0.8)]]
+    assert list(head.unseen_at(5.0)) == [False, False, False, True]
+    assert not head.unseen_at(1.0).any() and not head.unseen_at(None).any()
+    at_5m = head.apply(emb, caps, text_emb=embed([c for c, _ in caps]), ground_m=5.0, alternatives=alts, embed=embed)
+    assert at_5m[0][0] == "some forest."               # the first plausible hypothesis
+    assert at_5m[0][1] == pytest.approx(head.confidence(emb[:1], [0.7], embed(["some forest."]))[0])
+    assert at_5m[1][0].startswith("an aerial scene of uncertain type") and "beach" not in at_5m[1][0]
+    assert at_5m[1][1] <= 0.3
+    # the same tiles at 0.3 m, or of unknown resolution, keep their caption
+    for ground in (0.3, None):
+        kept = head.apply(emb, caps, text_emb=embed([c for c, _ in caps]), ground_m=ground, alternatives=alts,
+                          embed=embed)
+        assert [c for c, _ in kept] == ["a sandy beach.", "a sandy beach."]
+    back = SceneHead.load(head.save(tmp_path), tmp_path)
+    assert back.class_max_ground_m == head.class_max_ground_m and back.coarser_tolerance == 4.0

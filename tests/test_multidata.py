@@ -243,3 +243,22 @@ def test_scene_grouping_config_keys_only_the_named_sets(tmp_path, vocab):
     assert sorted(order) == sorted(ms.epoch_order(np.random.default_rng(0)))
     with pytest.raises(TrainError, match="unknown sets: nope"):
         epoch_order(ms, pos, {"group_by_scene": {"sets": ["nope"], "per_scene": 2}})
+
+
+def test_class_ground_limits_are_the_coarsest_drawable_training_view(tmp_path, vocab):
+    """Golf courses only at 0.3 m (their coarser views are never drawn), farmland up to 8 x 0.3 m;
+    a class that a set without a stated resolution also has is never limited."""
+    from rscaption.training.calibrate_stage import class_ground_limits
+
+    rng = np.random.default_rng(0)
+    for root, cls in (("a", "golf course"), ("a", "farmland"), ("b", "meadow"), ("a", "meadow")):
+        (tmp_path / root / "train" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / root / "train" / cls / "0.png")
+    ms = load_multiset({"sets": [
+        {"name": "fine", "kind": "folder", "path": str(tmp_path / "a"), "views": [0, 1, 23, 26], "ground_m": 0.3},
+        {"name": "unknown", "kind": "folder", "path": str(tmp_path / "b"), "views": [0]}]}, str, [0], vocab)
+    limits = dict(zip(vocab.names, class_ground_limits(ms)))
+    assert limits["golf_course"] == pytest.approx(0.3)
+    assert limits["farmland"] == pytest.approx(0.3 * 8)   # view 26: 2 ** 3 coarser
+    assert limits["meadow"] is None                       # also in the set without a resolution
+    assert limits["airport"] is None                      # no training image: nothing to judge by

@@ -104,7 +104,9 @@ def test_cancel_keeps_finished_shards_and_resume_completes(cluster, data, tiny_m
 
 def _start_and_stop(cmd, out, sig, more_than: int) -> tuple[int, str]:
     """Start the CLI, send ``sig`` as soon as the file holds more than ``more_than`` tiles."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: under a shell's background job it starts ignored
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and count_rows(out) <= more_than:
         time.sleep(0.05)

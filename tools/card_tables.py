@@ -34,6 +34,29 @@ def val_table(ev: dict) -> str:
     return "\n".join(rows)
 
 
+def precision_table(ev: dict) -> str:
+    """The main (fp32) summary beside each ``summary_<precision>`` the evaluate stage ran."""
+    keys = ("BLEU-4", "CIDEr-D", "scene_accuracy_%", "caption_right_scene_%", "t2i_mR", "AUROC", "ECE", "tiles_per_s")
+    rows = ["| val set | precision | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    extra = {k[len("summary_"):]: v for k, v in ev.items() if k.startswith("summary_")}
+    for i, row in enumerate(ev["summary"]):
+        for tag, summary in [(ev.get("precision") or "fp32", ev["summary"]), *extra.items()]:
+            r = summary[i]
+            rows.append(f"| {r['set']} | {tag} | " + " | ".join(_fmt(r.get(k), 2 if k.endswith("%") or k in
+                                                                     ("t2i_mR", "tiles_per_s") else 3) for k in keys) + " |")
+    return "\n".join(rows)
+
+
+def confidence_table(cal: dict) -> str:
+    rows = ["| val set | report half: images / AUROC / ECE | cross-fitted: images (wrong) / AUROC / ECE |",
+            "|---|---|---|"]
+    for name, r in [*cal["per_set"].items(), ("all", cal["all"])]:
+        x = r.get("cross_fitted", {})
+        rows.append(f"| {name} | {r.get('n', cal.get('report_images', ''))} / {_fmt(r['AUROC'])} / {_fmt(r['ECE'])} | "
+                    f"{x.get('n', '')} ({x.get('wrong', '')}) / {_fmt(x.get('AUROC'))} / {_fmt(x.get('ECE'))} |")
+    return "\n".join(rows)
+
+
 def stage_table(log_path: Path) -> str:
     recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     done = {}
@@ -51,9 +74,14 @@ def main(argv=None) -> int:
     ev = json.loads((run / "eval.json").read_text())
     print("## val\n")
     print(val_table(ev))
+    if any(k.startswith("summary_") for k in ev):
+        print("\n## precision\n")
+        print(precision_table(ev))
     cal = run / "calibrate" / "report.json"
     if cal.exists():
         c = json.loads(cal.read_text())
+        print("\n## confidence\n")
+        print(confidence_table(c))
         print("\n## calibration (report halves)\n")
         print(json.dumps({k: v for k, v in c.items() if k != "per_set"}, indent=1))
         for name, r in c["per_set"].items():

@@ -26,18 +26,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["--tile-size", "32", "--batch-size", "2", "-q"]
-TILES = 128  # the raster below: 512 x 256 px in 32 px tiles
+TILES = 512  # the raster below: 1024 x 512 px in 32 px tiles
 
 
 def write_raster(path) -> Path:
-    """512 x 256 px of seeded noise, 64 px blocks: 128 tiles, a few seconds with a tiny model."""
+    """1024 x 512 px of seeded noise, 64 px blocks: 512 tiles, several seconds with a tiny model (long
+    enough that a signal sent after the first tiles lands mid-run)."""
     import rasterio
     from affine import Affine
 
-    with rasterio.open(path, "w", driver="GTiff", width=512, height=256, count=3, dtype="uint8", crs="EPSG:32633",
+    with rasterio.open(path, "w", driver="GTiff", width=1024, height=512, count=3, dtype="uint8", crs="EPSG:32633",
                        transform=Affine(1, 0, 500000, 0, -1, 4000000), tiled=True, blockxsize=64,
                        blockysize=64) as ds:
-        ds.write((np.random.default_rng(0).random((3, 256, 512)) * 200 + 20).astype("uint8"))
+        ds.write((np.random.default_rng(0).random((3, 512, 1024)) * 200 + 20).astype("uint8"))
     return Path(path)
 
 
@@ -50,9 +51,18 @@ def env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT / "backend"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
+def default_sigint() -> None:
+    """Child pre-exec: SIGINT back to its default. A shell's background job starts with SIGINT
+    ignored, Python then installs no KeyboardInterrupt handler, and a Ctrl-C test would see the
+    run finish instead of stop."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(raster, out, model, *extra, **popen) -> subprocess.Popen:
     return subprocess.Popen(command(raster, out, model, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env(), **popen)
+                            text=True, env=env(), preexec_fn=default_sigint, **popen)
 
 
 def tile_count(out) -> int:

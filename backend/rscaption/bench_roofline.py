@@ -2,8 +2,10 @@
 
 All figures come from one process so that their ratios mean something on a shared machine:
 
-- matmul peak: fp32 GEMMs at a few sizes, with torch's threads = usable cores and as one
-  single-threaded GEMM per core side by side (how the engine's workers run);
+- matmul peak: fp32 and bf16 GEMMs at a few sizes, with torch's threads = usable cores and as
+  one single-threaded GEMM per core side by side (how the engine's workers run); the engine
+  computes in fp32 by default and in bf16 with ``precision="bf16"`` (``device.compute_dtype``),
+  so achieved rates are set against the peak of the dtype they ran in;
 - FLOPs per tile of the image encoder, of caption decoding (beam search on the KV cache) and of
   the confidence model's caption-text embedding, counted by torch's FlopCounterMode;
 - the time split read / preprocess / encode / decode / confidence / write on a sample of tiles,
@@ -11,7 +13,9 @@ All figures come from one process so that their ratios mean something on a share
   it the achieved FLOP rates against the peak;
 - end to end: `caption_raster` on a 4096 x 4096 GeoTIFF at 256 px tiles with the default model,
   the baseline (workers=0, plain modules, torch's default threads) and the local engine run back
-  to back (twice each, alternating, best of two), plus the same captions and embeddings check.
+  to back (twice each, alternating, best of two), the engine also in bf16, plus the same captions
+  and embeddings checks (engine vs baseline: folding and the lean decoder only; bf16 engine vs
+  baseline: rounding).
 """
 
 from __future__ import annotations
@@ -77,18 +81,19 @@ def _best(fn, reps: int = 3) -> float:
     return best
 
 
-def matmul_peak(sizes=(256, 512, 1024, 2048)) -> dict:
-    """GFLOP/s of fp32 GEMM: torch threads = usable cores, and one single-threaded GEMM per core
-    at the same time (the engine's workers)."""
+def matmul_peak(sizes=(256, 512, 1024, 2048), dtype=None) -> dict:
+    """GFLOP/s of GEMM in ``dtype`` (fp32): torch threads = usable cores, and one single-threaded
+    GEMM per core at the same time (the engine's workers)."""
     import torch
 
     from .local_engine import torch_threads, usable_cores
 
+    dtype = dtype or torch.float32
     cores = usable_cores()
-    out = {"cores": cores, "threaded": {}, "per_core_side_by_side": {}}
+    out = {"cores": cores, "dtype": str(dtype).replace("torch.", ""), "threaded": {}, "per_core_side_by_side": {}}
     with torch.inference_mode():
         for n in sizes:
-            a, b = torch.randn(n, n), torch.randn(n, n)
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             reps = max(1, int(5e8 // (2 * n ** 3)))
             with torch_threads(cores):
                 t = _best(lambda: [a @ b for _ in range(reps)])
@@ -119,6 +124,16 @@ def count_flops(fn) -> int:
 
 
 @contextlib.contextmanager
+def precision_of(cap, precision):
+    old = cap.precision
+    cap.precision = precision
+    try:
+        yield cap
+    finally:
+        cap.precision = old
+
+
+@contextlib.contextmanager
 def plain_modules(cap):
     """The model paths of the earlier code (no folded tower, no caption-text cache)."""
     old = cap.fast_inference
@@ -137,7 +152,7 @@ def stage_split(cap, raster: str, tile: int, n_tiles: int, fast: bool, threads: 
     from .gpkg import TileRecord, TileStore
     from .local_engine import torch_threads
     from .models.encoders import images_to_pixels
-    from .models.inference import encode_images
+    from .models.inference import compute_dtype, encode_images
     from .tiling import RasterTiler, TilingParams
 
     t = dict.fromkeys(("read", "preprocess", "encode", "decode", "confidence", "write"), 0.0)
@@ -148,7 +163,12 @@ def stage_split(cap, raster: str, tile: int, n_tiles: int, fast: bool, threads: 
         plan = tiler.plan()
         pick = plan[:: max(1, len(plan) // n_tiles)][:n_tiles]
         store = TileStore.create(os.path.join(d, "split.gpkg"), tiler.crs_wkt, tiler.epsg, cap.embed_dim)
-        enc = (lambda px: encode_images(cap.encoder, px)) if fast else cap.encoder.encode_image
+        dtype = compute_dtype(cap) if fast else cap.dtype
+        enc = (lambda px: encode_images(cap.encoder, px, dtype)) if fast else cap.encoder.encode_image
+        # one untimed batch first: the folded (and bf16) inference copies are built on first use,
+        # a one-off per run that would otherwise land in the first batch's encode and decode times
+        px = images_to_pixels([tiler.read(x).array for x in pick[:8]], cap.encoder.preprocess, cap.device, cap.dtype)
+        cap.caption(torch.nn.functional.normalize(enc(px).float(), dim=-1).numpy(), beam_size=beam, calibrated=False)
         for i in range(0, len(pick), 8):
             chunk = pick[i:i + 8]
             t0 = time.perf_counter()
@@ -175,7 +195,7 @@ def stage_split(cap, raster: str, tile: int, n_tiles: int, fast: bool, threads: 
                     flops["confidence"] = count_flops(lambda: cap.calibrate(emb, raw)) // len(chunk)
         store.close()
     total = sum(t.values())
-    return {"tiles": len(pick), "threads": threads, "seconds": {k: round(v, 3) for k, v in t.items()},
+    return {"tiles": len(pick), "threads": threads, "compute_dtype": str(dtype).replace("torch.", ""), "seconds": {k: round(v, 3) for k, v in t.items()},
             "share": {k: round(v / total, 3) for k, v in t.items()},
             "ms_per_tile": round(1e3 * total / len(pick), 1), "gflop_per_tile": {k: round(v / 1e9, 4) for k, v in flops.items()},
             # with the caption-text cache most captions are not embedded again: no FLOP rate to claim
@@ -254,6 +274,7 @@ def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int 
     import torch
 
     from .local_engine import plan_workers
+    from .models.inference import compute_dtype
 
     beam = int((cap.card or {}).get("beam_size") or 1)
     default_threads = torch.get_num_threads()
@@ -265,37 +286,51 @@ def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int 
                   "engine_plan": dict(zip(("workers", "threads_per_worker"), plan_workers(cap.device))),
                   "load_average_before": [round(x, 2) for x in os.getloadavg()]}
         report["matmul"] = matmul_peak()
+        report["matmul_bf16"] = matmul_peak(dtype=torch.bfloat16)
+        report["engine_compute_dtype"] = str(compute_dtype(cap)).replace("torch.", "")
         report["split_baseline"] = stage_split(cap, raster, tile, split_tiles, False, default_threads, beam)
         report["split_optimised"] = stage_split(cap, raster, tile, split_tiles, True, 1, beam)
+        with precision_of(cap, "bf16"):
+            report["split_optimised_bf16"] = stage_split(cap, raster, tile, split_tiles, True, 1, beam)
         report["decode_thread_placement"] = thread_placement(cap, default_threads, beam)
-        runs = {"baseline": [], "optimised": [], "one_worker_all_threads": [], "plain_modules_in_engine": []}
+        runs = {"baseline": [], "optimised": [], "optimised_bf16": [], "one_worker_all_threads": [],
+                "plain_modules_in_engine": []}
         summaries = {}
-        order = ("baseline", "optimised", "one_worker_all_threads", "plain_modules_in_engine", "optimised",
-                 "baseline")
+        order = ("baseline", "optimised", "optimised_bf16", "one_worker_all_threads", "plain_modules_in_engine",
+                 "optimised", "optimised_bf16", "baseline")
         cores = plan_workers(torch.device("cpu"))[0]
         for name in order:  # alternating, so drift in the machine's load hits both
             extra = name in ("one_worker_all_threads", "plain_modules_in_engine")
-            rate, s = _run(cap, raster, os.path.join(d, f"{name}.gpkg"), tile, name == "baseline",
-                           workers=1 if name == "one_worker_all_threads" else None,
-                           limit_s=limit_s / 2 if extra else limit_s,
-                           plain=name in ("baseline", "plain_modules_in_engine"))
+            with precision_of(cap, "bf16" if name == "optimised_bf16" else cap.precision):
+                rate, s = _run(cap, raster, os.path.join(d, f"{name}.gpkg"), tile, name == "baseline",
+                               workers=1 if name == "one_worker_all_threads" else None,
+                               limit_s=limit_s / 2 if extra else limit_s,
+                               plain=name in ("baseline", "plain_modules_in_engine"))
             runs[name].append(round(rate, 2))
             summaries[name] = s
         report["end_to_end"] = {
             "tiles": max(s.total for s in summaries.values()), "time_box_s": limit_s,
             "tiles_done": {k: s.written for k, s in summaries.items()},
             "baseline_tiles_per_s": runs["baseline"], "optimised_tiles_per_s": runs["optimised"],
+            "optimised_bf16_tiles_per_s": runs["optimised_bf16"],
+            "speedup_bf16": round(max(runs["optimised_bf16"]) / max(runs["baseline"]), 2),
             f"one_worker_{cores}_threads_tiles_per_s": runs["one_worker_all_threads"],
             "plain_modules_in_engine_tiles_per_s": runs["plain_modules_in_engine"],
             "speedup": round(max(runs["optimised"]) / max(runs["baseline"]), 2),
             "optimised_stages": summaries["optimised"].stages,
-            "same_output": compare_outputs(os.path.join(d, "baseline.gpkg"), os.path.join(d, "optimised.gpkg"))}
+            "same_output": compare_outputs(os.path.join(d, "baseline.gpkg"), os.path.join(d, "optimised.gpkg")),
+            "same_output_bf16": compare_outputs(os.path.join(d, "baseline.gpkg"),
+                                                os.path.join(d, "optimised_bf16.gpkg"))}
         report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    peak = report["matmul"]["peak_gflops_per_core"]
-    for key in ("split_baseline", "split_optimised"):
+    for key in ("split_baseline", "split_optimised", "split_optimised_bf16"):
         split = report[key]
         cores_used = min(split["threads"], report["matmul"]["cores"])
-        split["share_of_peak"] = {k: round(v / (peak * cores_used), 3) for k, v in split["gflops_achieved"].items()}
+        # against the peak of the dtype the stages computed in, and against the fp32 peak
+        mm = report["matmul_bf16"] if split["compute_dtype"] == "bfloat16" else report["matmul"]
+        split["share_of_peak"] = {k: round(v / (mm["peak_gflops_per_core"] * cores_used), 3)
+                                  for k, v in split["gflops_achieved"].items()}
+        split["share_of_fp32_peak"] = {k: round(v / (report["matmul"]["peak_gflops_per_core"] * cores_used), 3)
+                                       for k, v in split["gflops_achieved"].items()}
     st = report["end_to_end"]["optimised_stages"] or {}
     wall = summaries["optimised"].seconds
     report["end_to_end"]["overlap"] = {
@@ -310,12 +345,18 @@ def print_report(r: dict) -> None:
     print(f"roofline  {r['raster']}, {r['model']}, beam {r['beam_size']}")
     print(f"  matmul peak {m['peak_gflops']} GFLOP/s on {m['cores']} cores (threaded {m['threaded']}, "
           f"one per core side by side {m['per_core_side_by_side']})")
-    for key, label in (("split_baseline", "baseline"), ("split_optimised", "optimised")):
+    mb = r["matmul_bf16"]
+    print(f"  bf16 matmul peak {mb['peak_gflops']} GFLOP/s ({mb['peak_gflops'] / max(m['peak_gflops'], 1e-9):.1f}x fp32); "
+          f"the engine computes in {r['engine_compute_dtype']} (bf16 with --precision bf16)")
+    for key, label in (("split_baseline", "baseline"), ("split_optimised", "optimised"),
+                       ("split_optimised_bf16", "bf16")):
         s = r[key]
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["share"].items())
-        rates = ", ".join(f"{k} {v} GFLOP/s ({100 * s['share_of_peak'][k]:.0f}% of peak)"
+        rates = ", ".join(f"{k} {v} GFLOP/s ({100 * s['share_of_peak'][k]:.0f}% of the {s['compute_dtype']} peak, "
+                          f"{100 * s['share_of_fp32_peak'][k]:.0f}% of fp32's)"
                           for k, v in s["gflops_achieved"].items())
-        print(f"  {label:9s} {s['ms_per_tile']} ms/tile in one stage-by-stage pass ({s['threads']} threads): {shares}")
+        print(f"  {label:9s} {s['ms_per_tile']} ms/tile in one stage-by-stage pass ({s['threads']} threads, "
+              f"{s['compute_dtype']}): {shares}")
         print(f"            {rates}; GFLOP/tile {s['gflop_per_tile']}")
     tp = r["decode_thread_placement"]
     print(f"  decoding with {tp['threads']} threads: {tp['main_thread_ms']} ms/tile from the main thread, "
@@ -324,12 +365,15 @@ def print_report(r: dict) -> None:
     one = next(v for k, v in e.items() if k.startswith("one_worker_"))
     print(f"  end to end ({e['tiles']} tiles planned, runs time-boxed at {e['time_box_s']:.0f} s): baseline "
           f"{e['baseline_tiles_per_s']} tiles/s, local engine {e['optimised_tiles_per_s']} tiles/s "
-          f"({r['engine_plan']['workers']} workers x 1 thread): {e['speedup']}x")
+          f"({r['engine_plan']['workers']} workers x 1 thread, {r['engine_compute_dtype']}): {e['speedup']}x; "
+          f"the engine in bf16 {e['optimised_bf16_tiles_per_s']} tiles/s: {e['speedup_bf16']}x")
     print(f"  variants: one worker with all threads {one} tiles/s; the engine's threads with the plain "
           f"modules (no folding, no caption cache) {e['plain_modules_in_engine_tiles_per_s']} tiles/s")
     print(f"  load average before/after: {r['load_average_before']} / {r['load_average_after']}")
     print(f"  overlap: read {o['read_s']} s and write {o['write_s']} s beside the workers; workers waited "
           f"{o['workers_waiting_for_tiles_s']} s for tiles ({100 * o['waiting_share_of_worker_time']:.1f}% of their time)")
-    same = e["same_output"]
-    print(f"  same output: {same['same_captions']}/{same['tiles']} captions identical, embeddings within "
-          f"{same['max_embedding_diff']:.1e}, confidences within {same['max_confidence_diff']:.1e}")
+    for key, label in (("same_output", f"{r['engine_compute_dtype']} engine vs baseline"),
+                       ("same_output_bf16", "bf16 engine vs baseline")):
+        same = e[key]
+        print(f"  same output ({label}): {same['same_captions']}/{same['tiles']} captions identical, embeddings "
+              f"within {same['max_embedding_diff']:.1e}, confidences within {same['max_confidence_diff']:.1e}")

@@ -67,6 +67,9 @@ def _add_caption(sub):
     p.add_argument("--beam-size", type=_positive, default=None, help="beam width (default: the model's)")
     p.add_argument("--language", default="en", help="caption language: en or another the model has, e.g. zh")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                   help="what a CPU computes in: fp32 (default), bf16 (about 1.3x faster on CPUs with AMX-BF16; "
+                        "some captions change) or auto (bf16 where the CPU has AMX-BF16) (env RSCAPTION_PRECISION)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local (default) or ray: shards of tiles on a Ray cluster, written here (docs/scaling.md)")
     p.add_argument("--address", default=None,
@@ -97,7 +100,7 @@ def cmd_caption(args) -> int:
         import_ray()  # a missing extra is one line before the model loads
     if not args.output.lower().endswith(".gpkg"):
         raise RscaptionError(f"the output must be a .gpkg file, got {args.output}")
-    cap = load_model(args.model, device=args.device)
+    cap = load_model(args.model, device=args.device, precision=args.precision)
     card = cap.card or {}
     choice = tile_choice_for(cap, args.raster, args.tile_size, args.resolution)
     tile_size = choice.tile_px

@@ -207,7 +207,8 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
             if on_progress:
                 on_progress(resumed, total, [])
             step = functools.partial(caption_batch, cap, keys=keys, beam_size=beam_size,
-                                     max_new_tokens=max_new_tokens, language=language)
+                                     max_new_tokens=max_new_tokens, language=language,
+                                     ground_m=tile_choice.m_per_px if tile_choice else None)
 
             def write(records, skipped=0):
                 nonlocal written
@@ -261,19 +262,24 @@ def _read_item(tiler: RasterTiler, tile: Tile):
 
 
 def caption_batch(cap, batch: list[tuple[Tile, np.ndarray, float]], keys: dict, *, beam_size: int,
-                  max_new_tokens: int, language: str) -> list[TileRecord]:
+                  max_new_tokens: int, language: str, ground_m: float | None = None) -> list[TileRecord]:
     """Read tiles -> records ready for the store: the one step every engine runs (this loop, each
-    Ray worker in ``ray_engine``), so their outputs are the same tile for tile."""
+    Ray worker in ``ray_engine``), so their outputs are the same tile for tile. ``ground_m`` is the
+    tiles' metres per pixel (None: unknown), so captions never name a scene the model has not seen
+    at that resolution (``SceneHead.unseen_at``)."""
     if not batch:
         return []
     # out of accelerator memory: smaller chunks, then the CPU (oom.py); the model's guard keeps the size
     return oom_guard(cap).run(lambda chunk: _caption_chunk(cap, chunk, keys, beam_size=beam_size,
-                                                           max_new_tokens=max_new_tokens, language=language), batch)
+                                                           max_new_tokens=max_new_tokens, language=language,
+                                                           ground_m=ground_m), batch)
 
 
-def _caption_chunk(cap, batch, keys: dict, *, beam_size: int, max_new_tokens: int, language: str) -> list[TileRecord]:
+def _caption_chunk(cap, batch, keys: dict, *, beam_size: int, max_new_tokens: int, language: str,
+                   ground_m: float | None) -> list[TileRecord]:
     emb = cap.embed_images([a for _, a, _ in batch])
-    caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language)
+    caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language,
+                       **({"ground_m": ground_m} if ground_m is not None else {}))
     now = _now()
     return [TileRecord(tile_id=t.tile_id, row=t.row, col=t.col, polygon=t.polygon, caption=text,
                        confidence=float(conf), embedding=np.asarray(e, dtype=np.float32),
@@ -296,6 +302,16 @@ def _embed_dim(cap) -> int:
     return int(dim)
 
 
+def _compute_dtype_name(cap) -> str | None:
+    """Provenance: bf16 and fp32 runs of one model differ in the last digits (and rarely a word)."""
+    try:
+        from .models.inference import compute_dtype
+
+        return str(compute_dtype(cap)).replace("torch.", "")
+    except Exception:  # a model object without parameters (test doubles of the store)
+        return None
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -310,6 +326,7 @@ def _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name
         "software": {"name": "rscaption", "version": __version__},
         "started": _now(),
         "device": device_name,
+        "compute_dtype": _compute_dtype_name(cap),
     }
     if os.path.exists(out_gpkg) and not overwrite:
         if not resume:

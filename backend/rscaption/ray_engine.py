@@ -58,7 +58,7 @@ class ShardWorker:
 
             torch.set_num_threads(int(threads))
         self.spec = spec
-        self.cap = load_model(spec["model"], device=spec["device"])
+        self.cap = load_model(spec["model"], device=spec["device"], precision=spec.get("precision"))
         if self.cap.model_hash != spec["model_hash"]:
             raise RscaptionError(f"this worker's model {spec['model']!r} differs from the driver's "
                                  f"(hash {self.cap.model_hash[:12]} != {spec['model_hash'][:12]})")
@@ -77,7 +77,8 @@ class ShardWorker:
                 else:
                     batch.append((t, img.array, img.valid_fraction))
             records += caption_batch(self.cap, batch, keys, beam_size=s["beam_size"],
-                                     max_new_tokens=s["max_new_tokens"], language=s["language"])
+                                     max_new_tokens=s["max_new_tokens"], language=s["language"],
+                                     ground_m=s.get("ground_m"))
         return {"index": index, "records": records, "skipped": skipped, "pid": os.getpid()}
 
     def _maybe_die(self, index: int) -> None:
@@ -133,6 +134,8 @@ def caption_raster_ray(raster_path: str, out_gpkg: str, model="default", model_s
                 size = batch_size * max(1, int(shard_batches))
                 shards = [todo[i:i + size] for i in range(0, len(todo), size)]
                 spec = {"model": model_spec, "model_hash": cap.model_hash, "device": worker_device,
+                        "precision": getattr(cap, "precision", None),
+                        "ground_m": tile_choice.m_per_px if tile_choice else None,
                         "raster": worker_path(raster_path), "tiling": tiling, "batch_size": batch_size,
                         "beam_size": beam_size, "max_new_tokens": max_new_tokens, "language": language,
                         "threads": options.get("num_cpus"), "kill_once": os.environ.get(KILL_ENV)}

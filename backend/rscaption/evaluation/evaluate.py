@@ -38,7 +38,7 @@ def _load_model(model, device):
 
 
 def evaluate_model(model, data, split: str = "val", images=None, beam_size: int = 3,
-                   length_penalty: float = 1.0, limit: int | None = None, meteor: bool = True,
+                   length_penalty: float | None = None, limit: int | None = None, meteor: bool = True,
                    max_new_tokens: int = 30, batch_size: int = 32, device=None, captions_out: bool = True) -> dict:
     """Evaluate ``model`` (a name/path for ``load_model`` or a ``Captioner``) on ``data``'s split."""
     from ..training.datasets import load_dataset, normalize_caption
@@ -48,6 +48,8 @@ def evaluate_model(model, data, split: str = "val", images=None, beam_size: int 
     ds = load_dataset(data, images_dir=images, split=split, check=True)
     ds = ds.limit(limit)
     recs = ds.records
+    if length_penalty is None:
+        length_penalty = float((getattr(cap, "card", None) or {}).get("length_penalty", 1.0))
     report: dict = {"model": getattr(cap, "model_id", str(model)), "model_hash": getattr(cap, "model_hash", None),
                     "data": str(data), "split": split, "n_images": len(recs), "beam_size": beam_size,
                     "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
@@ -168,7 +170,8 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--split", default="val", help="split to evaluate (default val)")
     parser.add_argument("--images", help="image folder (default: imgs/ or images/ beside the captions file)")
     parser.add_argument("--beam-size", type=int, default=3)
-    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--length-penalty", type=float, default=None,
+                        help="beam ranking: sum log-prob / length ** L (default: the model card's, else 1.0)")
     parser.add_argument("--max-new-tokens", type=int, default=30)
     parser.add_argument("--limit", type=int, help="only the first N images of the split")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the Java start-up)")

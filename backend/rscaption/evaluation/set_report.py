@@ -14,7 +14,8 @@ import numpy as np
 
 def evaluate_set(cap, records, positives: np.ndarray, allowed: np.ndarray, prompt_emb: np.ndarray,
                  has_captions: bool, report_mask: np.ndarray | None = None, beam_size: int = 3,
-                 meteor: bool = True, length_penalty: float = 1.0, examples: int = 8) -> dict:
+                 meteor: bool = True, length_penalty: float = 1.0, examples: int = 8,
+                 ground_m: float | None = None) -> dict:
     from ..training.datasets import normalize_caption
     from ..training.features import read_rgb
     from .calibration import auroc, ece, reliability
@@ -34,7 +35,14 @@ def evaluate_set(cap, records, positives: np.ndarray, allowed: np.ndarray, promp
     t0 = time.time()
     raw = cap.caption(emb, beam_size=beam_size, length_penalty=length_penalty, calibrated=False)
     text_emb = caption_embeddings(cap, [c for c, _ in raw])
-    out = cap.calibrate(emb, raw, text_emb=text_emb) if getattr(cap, "scene", None) is not None else raw
+    scene = getattr(cap, "scene", None)
+    if scene is not None and scene.unseen_at(ground_m).any():
+        # what a user's georeferenced tiles of this resolution get: scenes never seen this coarse are
+        # replaced by the beam's next plausible hypothesis (a second decoding, n-best)
+        out = cap.caption(emb, beam_size=beam_size, length_penalty=length_penalty, ground_m=ground_m)
+        rep["ground_m"] = ground_m
+    else:
+        out = cap.calibrate(emb, raw, text_emb=text_emb) if scene is not None else raw
     t_cap = time.time() - t0
     rep["timing"] = {"read_s": round(t_read, 2), "embed_images_per_s": round(len(records) / max(t_embed, 1e-9), 1),
                      "caption_per_s": round(len(records) / max(t_cap, 1e-9), 1),

@@ -52,6 +52,7 @@ class Captioner(nn.Module):
         self.extra_decoders = nn.ModuleDict()  # language -> Decoder, besides the English one
         self.scene = None  # models.scene.SceneHead: calibrated confidence (None: LM token probability)
         self.fast_inference = True  # models/inference.py fast paths (False: the plain modules)
+        self.precision = None  # fast paths' compute: fp32 (default) | bf16 | auto (bf16 on AMX CPUs): device.py
         if mapping is not None and getattr(mapping, "embed_dim", encoder.embed_dim) != encoder.embed_dim:
             raise ModelError(f"mapping expects {mapping.embed_dim}-d embeddings, encoder gives {encoder.embed_dim}")
         self.eval()
@@ -161,15 +162,16 @@ class Captioner(nn.Module):
 
     @torch.inference_mode()
     def embed_images(self, images, batch_size: int = 32) -> np.ndarray:
-        from .inference import encode_images
+        from .inference import compute_dtype, encode_images
 
         fast = getattr(self, "fast_inference", True) and not self.training
+        dtype = compute_dtype(self) if fast else self.dtype
         n = len(images)
         out = []
         for start in range(0, n, batch_size):
             pixels = images_to_pixels(images[start:start + batch_size], self.encoder.preprocess,
                                       self.device, self.dtype)
-            emb = encode_images(self.encoder, pixels) if fast else self.encoder.encode_image(pixels)
+            emb = encode_images(self.encoder, pixels, dtype) if fast else self.encoder.encode_image(pixels)
             out.append(emb.float().cpu())
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)
@@ -207,13 +209,23 @@ class Captioner(nn.Module):
     def decode(self, ids: list[int]) -> str:
         return self.decoder().decode(ids)
 
-    def caption(self, embeddings, beam_size: int = 1, max_new_tokens: int = 30, length_penalty: float = 1.0,
+    def caption(self, embeddings, beam_size: int = 1, max_new_tokens: int = 30, length_penalty: float | None = None,
                 batch_size: int | None = None, language: str = "en",
-                calibrated: bool = True) -> list[tuple[str, float]]:
+                calibrated: bool = True, ground_m: float | None = None) -> list[tuple[str, float]]:
         """Captions for stored image embeddings with a confidence: the calibrated probability that
         the caption names the right scene when the model has a scene head (``models.scene``; low
-        ones then get an honest "uncertain" caption in English), else exp(mean token log-prob)."""
+        ones then get an honest "uncertain" caption in English), else exp(mean token log-prob).
+        ``length_penalty`` defaults to the model card's (what its confidence was calibrated with),
+        else 1.0 (hypotheses ranked by mean token log-prob). ``ground_m`` (the tiles' metres per
+        pixel, when known) keeps English captions from naming scenes the model never saw that
+        coarse (``SceneHead.unseen_at``): the beam's next plausible hypothesis is used instead."""
+        if length_penalty is None:
+            length_penalty = float(self._card.get("length_penalty", 1.0))
         dec = self.decoder(language)
+        if getattr(self, "fast_inference", True) and not self.training:
+            from .inference import compute_dtype, fast_decoder
+
+            dec = fast_decoder(dec, compute_dtype(self))
         emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
         if emb.ndim == 1:
             emb = emb[None]
@@ -221,34 +233,50 @@ class Captioner(nn.Module):
             raise ModelError(f"expected embeddings of shape [N, {self.embed_dim}], got {tuple(emb.shape)}")
         beam_size = max(1, int(beam_size))
         batch_size = batch_size or max(1, 64 // beam_size)
-        results = []
+        alts = calibrated and self.scene is not None and language == "en" and beam_size > 1 and \
+            bool(self.scene.unseen_at(ground_m).any())
+        results, alternatives = [], []
         for start in range(0, emb.shape[0], batch_size):
-            chunk = emb[start:start + batch_size].to(self.device, self.dtype)
+            chunk = emb[start:start + batch_size].to(self.device, dec.dtype)
             if beam_size == 1:
                 ids, lps = dec.greedy_ids(chunk, max_new_tokens)
+            elif alts:
+                ranked_ids, ranked_lps = dec.beam_ids(chunk, beam_size, max_new_tokens, length_penalty, n_best=True)
+                ranked = [[(dec.decode(i), float(min(1.0, np.exp(lp)))) for i, lp in zip(ii, ll)]
+                          for ii, ll in zip(ranked_ids, ranked_lps)]
+                results += [r[0] for r in ranked]
+                alternatives += [r[1:] for r in ranked]
+                continue
             else:
                 ids, lps = dec.beam_ids(chunk, beam_size, max_new_tokens, length_penalty)
             results += [(dec.decode(i), float(min(1.0, np.exp(lp)))) for i, lp in zip(ids, lps)]
         if calibrated and self.scene is not None:
-            results = self.calibrate(emb.float().cpu().numpy(), results, language)
+            results = self.calibrate(emb.float().cpu().numpy(), results, language, ground_m=ground_m,
+                                     alternatives=alternatives or None)
         return results
 
     def calibrate(self, embeddings: np.ndarray, results: list[tuple[str, float]], language: str = "en",
-                  text_emb: np.ndarray | None = None) -> list[tuple[str, float]]:
+                  text_emb: np.ndarray | None = None, ground_m: float | None = None,
+                  alternatives: list[list[tuple[str, float]]] | None = None) -> list[tuple[str, float]]:
         """Raw ``caption(..., calibrated=False)`` results -> the scene head's confidences (and honest
         English captions below its threshold); ``text_emb`` saves re-embedding captions a caller has
         already embedded."""
         if self.scene is None or not results:
             return results
         if text_emb is None and language == "en" and self.scene.needs_caption_text:
-            from ..training.datasets import normalize_caption
-
-            texts = [normalize_caption(c) for c, _ in results]
-            if getattr(self, "fast_inference", True):
-                from .inference import embed_texts_cached
-
-                text_emb = embed_texts_cached(self, texts)
-            else:
-                text_emb = self.embed_texts(texts)
+            text_emb = self._embed_caption_texts([c for c, _ in results])
         return self.scene.apply(np.asarray(embeddings, np.float32), results, rewrite=language == "en",
-                                text_emb=text_emb if language == "en" else None)
+                                text_emb=text_emb if language == "en" else None, ground_m=ground_m,
+                                alternatives=alternatives, embed=self._embed_caption_texts)
+
+    def _embed_caption_texts(self, captions: list[str]) -> np.ndarray:
+        """Text-tower embeddings of captions as the scene head reads them (each distinct caption
+        once per set of weights on the fast path)."""
+        from ..training.datasets import normalize_caption
+
+        texts = [normalize_caption(c) for c in captions]
+        if getattr(self, "fast_inference", True):
+            from .inference import embed_texts_cached
+
+            return embed_texts_cached(self, texts)
+        return self.embed_texts(texts)

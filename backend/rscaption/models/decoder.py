@@ -24,11 +24,12 @@ from ..errors import ModelError
 
 
 class Decoder(nn.Module):
-    def __init__(self, mapping: nn.Module, lm: nn.Module, tokenizer):
+    def __init__(self, mapping: nn.Module, lm: nn.Module, tokenizer, runner=None):
         super().__init__()
         self.mapping = mapping
         self.lm = lm
         self.tokenizer = tokenizer
+        self.runner = runner  # gpt2_runner.GPT2Runner over ``lm``'s weights (inference.fast_decoder)
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +90,9 @@ class Decoder(nn.Module):
 
     def _start(self, prefix: torch.Tensor):
         """Run the prefix through the LM once; returns (last logits, cache, attention mask)."""
+        if self.runner is not None:
+            logits, cache = self.runner.start(prefix)
+            return logits.float(), cache, None
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         extra = {"logits_to_keep": 1} if self._keeps_logits() else {}  # skip vocab logits of prefix slots
         out = self.lm(inputs_embeds=prefix, attention_mask=mask, use_cache=True, **extra)
@@ -100,6 +104,9 @@ class Decoder(nn.Module):
         return "logits_to_keep" in inspect.signature(self.lm.forward).parameters
 
     def _step(self, tokens: torch.Tensor, cache, mask: torch.Tensor):
+        if self.runner is not None:
+            logits, cache = self.runner.step(tokens, cache)
+            return logits.float(), cache, None
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = self.lm(input_ids=tokens[:, None], attention_mask=mask, past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float(), out.past_key_values, mask
@@ -132,9 +139,10 @@ class Decoder(nn.Module):
 
     @torch.inference_mode()
     def beam_ids(self, embeddings: torch.Tensor, beam_size: int = 3, max_new_tokens: int = 30,
-                 length_penalty: float = 1.0):
+                 length_penalty: float = 1.0, n_best: bool = False):
         """Batched beam search on the KV cache. A hypothesis is ranked by
-        sum log-prob / length ** length_penalty; the returned score is its mean log-prob."""
+        sum log-prob / length ** length_penalty; the returned score is its mean log-prob. With
+        ``n_best`` every input gets its finished hypotheses best first (lists of ids and of scores)."""
         eos, k = self.eos_token_id, int(beam_size)
         prefix = self.prefix(embeddings)
         b = prefix.shape[0]
@@ -199,9 +207,9 @@ class Decoder(nn.Module):
                     if s > -float("inf"):
                         hyps[i].append((s / n ** length_penalty, s / n, seqs[i * k + j].tolist()))
                 hyps[i].sort(key=lambda h: -h[0])
-            best = hyps[i][0] if hyps[i] else (-float("inf"), -float("inf"), [])
-            out_ids.append(best[2])
-            out_scores.append(best[1])
+            ranked = hyps[i] or [(-float("inf"), -float("inf"), [])]
+            out_ids.append([h[2] for h in ranked] if n_best else ranked[0][2])
+            out_scores.append([h[1] for h in ranked] if n_best else ranked[0][1])
         return out_ids, out_scores
 
     def decode(self, ids: list[int]) -> str:

@@ -122,8 +122,18 @@ def _open_clip_split(name: str):
     return None
 
 
-def load_model(name_or_path="default", device=None, dtype=None):
-    """Returns a `Captioner` on `device` (auto: CUDA, MPS, CPU) in `dtype` (auto: fp16 on CUDA)."""
+def load_model(name_or_path="default", device=None, dtype=None, precision=None):
+    """Returns a `Captioner` on `device` (auto: CUDA, MPS, CPU) in `dtype` (auto: fp16 on CUDA).
+    ``precision`` (fp32 | bf16 | auto) is what inference computes in when the weights are fp32 on a
+    CPU: default fp32, auto means bf16 where the CPU has AMX-BF16 (``device.compute_dtype``)."""
+    from ..device import parse_precision
+
+    cap = _load_model(name_or_path, device, dtype)
+    cap.precision = parse_precision(precision)
+    return cap
+
+
+def _load_model(name_or_path, device, dtype):
     from .checkpoint import is_checkpoint_dir, load_checkpoint
     from .weights import quiet_loading
 
@@ -249,7 +259,13 @@ def describe_model(cap) -> str:
                                      if scene is not None else "mean token probability of the caption (uncalibrated)"))
     if card.get("metrics"):
         lines.append(f"metrics:       {_fmt(card['metrics'])}")
-    lines.append(f"device:        {cap.device} ({str(cap.dtype).replace('torch.', '')})")
+    from .inference import compute_dtype
+
+    compute = str(compute_dtype(cap)).replace("torch.", "")
+    lines.append(f"device:        {cap.device} (weights {str(cap.dtype).replace('torch.', '')}, computes in {compute}; "
+                 f"precision {getattr(cap, 'precision', None) or 'fp32'})")
+    if card.get("can_caption"):
+        lines.append(f"decoding:      beam {card.get('beam_size') or 1}, length penalty {card.get('length_penalty', 1.0):g}")
     return "\n".join(lines)
 
 

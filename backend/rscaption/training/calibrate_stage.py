@@ -2,7 +2,9 @@
 
 Half of every val set (seeded) fits the temperature of the scene posterior and the logistic
 confidence model; the other half is left for the report, so the AUROC and calibration error in
-the model card are measured on images the confidence never saw. The target is "the caption names
+the model card are measured on images the confidence never saw. Because a half of a small set
+holds few wrong captions (UCM's: 5), the report also cross-fits: the logistic model is fitted on
+each half in turn and scores the other, so every val image is scored by a model that did not see it. The target is "the caption names
 the right scene" (``evaluation.scene_eval``), with captions decoded exactly as the pipeline will
 decode them (the card's beam width).
 """
@@ -39,9 +41,64 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25) -> 
     return c
 
 
+def class_prototypes(train_emb: np.ndarray, train_pos: np.ndarray, per_class: int, rng: np.random.Generator):
+    """``(centres [M, D], owner [M])``: k-means centres of each class's training embeddings (up to
+    ``per_class``, one per 20 images at least), so a tile can be placed among the training images
+    of every scene rather than against one prompt per scene."""
+    centres, owner = [], []
+    for c in range(train_pos.shape[1]):
+        x = np.asarray(train_emb[train_pos[:, c]], np.float32)
+        if not len(x):
+            continue
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+        k = kmeans(x, min(per_class, max(1, len(x) // 20)), rng)
+        centres.append(k)
+        owner += [c] * len(k)
+    return np.concatenate(centres), np.asarray(owner, np.int64)
+
+
+def class_ground_limits(plan) -> list:
+    """Per vocabulary class, the coarsest ground resolution (m/px) a drawable training sample of it
+    had: its set's ``ground_m`` times the view's coarsening factor. None where any sample came from
+    a set without a stated resolution, or the class has no training sample (nothing to judge by)."""
+    from .features import SCALE_VIEW_BASE, scale_factor
+
+    pos, _ = plan.scene_targets("train")
+    tr = plan.train
+    out = []
+    for c in range(len(plan.vocab)):
+        m = pos[tr.sample_record, c] & plan.drawable
+        if not m.any():
+            out.append(None)
+            continue
+        limit = 0.0
+        for si in np.unique(tr.sample_set[m]):
+            ground = plan.sets[int(si)].spec.ground_m
+            if not ground:
+                limit = None
+                break
+            views = tr.sample_view[m & (tr.sample_set == si)]
+            limit = max(limit, float(ground) * max(scale_factor(v) if v >= SCALE_VIEW_BASE else 1.0 for v in views))
+        out.append(limit)
+    return out
+
+
+def cross_fitted(feats: np.ndarray, correct: np.ndarray, calib: np.ndarray, l2: float) -> np.ndarray:
+    """Confidence of every image from the logistic model fitted on the half it is not in."""
+    from ..evaluation.calibration import fit_logistic, sigmoid
+
+    conf = np.zeros(len(feats))
+    for fit in (calib, ~calib):
+        w, b = fit_logistic(feats[fit], correct[fit], l2=l2)
+        conf[~fit] = sigmoid(feats[~fit] @ w + b)
+    return conf
+
+
 def fit_scene_head(cap, plan, val_emb: np.ndarray, train_emb: np.ndarray, cfg: dict, rng: np.random.Generator,
-                   template: str, beam_size: int, log=None) -> tuple:
-    """(SceneHead, report dict) for a trained captioner."""
+                   template: str, beam_size: int, log=None, train_pos: np.ndarray | None = None,
+                   length_penalty: float = 1.0) -> tuple:
+    """(SceneHead, report dict) for a trained captioner. ``train_pos`` ([N, K] classes right for
+    each training embedding) enables the labelled-prototype feature (``calibrate.class_prototypes``)."""
     from ..evaluation.calibration import auroc, ece, fit_logistic, fit_temperature
     from ..evaluation.scene_eval import caption_embeddings, judge_accuracy, names_right_scene, split_halves
     from ..models.scene import FEATURES, SceneHead
@@ -51,18 +108,28 @@ def fit_scene_head(cap, plan, val_emb: np.ndarray, train_emb: np.ndarray, cfg: d
     pos, allowed = plan.scene_targets("val")
     sets = plan.val.record_set
     calib = split_halves(sets, int(cfg.get("seed", 0)))
-    caps = cap.caption(val_emb, beam_size=beam_size, calibrated=False)
+    caps = cap.caption(val_emb, beam_size=beam_size, length_penalty=length_penalty, calibrated=False)
     text_emb = caption_embeddings(cap, [c for c, _ in caps])
     correct = names_right_scene(cap, [c for c, _ in caps], prompt_emb, pos, text_emb)
     with torch.no_grad():
         scale = float(cap.encoder.logit_scale.exp().clamp(max=100)) if hasattr(cap.encoder, "logit_scale") else 100.0
     temp = fit_temperature(scale * val_emb[calib] @ prompt_emb.T, pos[calib])
     protos = kmeans(train_emb, int(cfg.get("prototypes", 64)), rng)
+    per_class = int(cfg.get("class_prototypes", 0))
+    names = FEATURES if per_class and train_pos is not None else FEATURES[:5]
     head = SceneHead(phrases=list(plan.vocab.phrases), prompts=prompt_emb, prototypes=protos, scale=scale,
                      temperature=temp, low_threshold=float(cfg.get("low_threshold", 0.3)),
-                     feature_names=tuple(cfg.get("features", FEATURES)))
+                     feature_names=tuple(cfg.get("features", names)))
+    tolerance = float(cfg.get("coarser_tolerance", 0) or 0)
+    if tolerance > 0:
+        head.class_max_ground_m, head.coarser_tolerance = class_ground_limits(plan), tolerance
+    if "caption_scene_proto_logprob" in head.feature_names:
+        head.class_prototypes, head.class_owner = class_prototypes(train_emb, train_pos, per_class, rng)
+        head.proto_temperature = float(cfg.get("proto_temperature", 0.05))
     feats = head.features(val_emb, [c for _, c in caps], text_emb)
-    w, b = fit_logistic(feats[calib], correct[calib], l2=float(cfg.get("l2", 1e-2)))
+    l2 = float(cfg.get("l2", 1e-2))
+    crossed = cross_fitted(feats, correct, calib, l2)
+    w, b = fit_logistic(feats[calib], correct[calib], l2=l2)
     head.weights, head.bias = [float(x) for x in w], float(b)
     conf = head.confidence(val_emb, [c for _, c in caps], text_emb)
     lm_conf = np.array([c for _, c in caps])
@@ -78,17 +145,26 @@ def fit_scene_head(cap, plan, val_emb: np.ndarray, train_emb: np.ndarray, cfg: d
             "n": int(m.sum()), "caption_right_scene_%": round(float(100 * correct[m].mean()), 2),
             "AUROC": round(auroc(conf[m], correct[m]), 4), "ECE": round(ece(conf[m], correct[m]), 4),
             "AUROC_lm_only": round(auroc(lm_conf[m], correct[m]), 4),
+            "cross_fitted": _scores(crossed, correct, sets == si),
             "mean_confidence": round(float(conf[m].mean()), 4),
             "judge_on_references_%": round(judge_accuracy(cap, recs, prompt_emb, pos[sets == si]), 2)}
     m = ~calib
     report["all"] = {"AUROC": round(auroc(conf[m], correct[m]), 4), "ECE": round(ece(conf[m], correct[m]), 4),
-                     "caption_right_scene_%": round(float(100 * correct[m].mean()), 2)}
+                     "caption_right_scene_%": round(float(100 * correct[m].mean()), 2),
+                     "cross_fitted": _scores(crossed, correct, np.ones(len(sets), bool))}
     report["seconds"] = round(time.time() - t0, 1)
     if log:
         log({"stage": "calibrate", **{k: v for k, v in report.items() if k != "per_set"}})
         for name, r in report["per_set"].items():
             log({"stage": "calibrate", "set": name, **r})
     return head, report
+
+
+def _scores(conf: np.ndarray, correct: np.ndarray, m: np.ndarray) -> dict:
+    from ..evaluation.calibration import auroc, ece
+
+    return {"n": int(m.sum()), "wrong": int((~correct[m]).sum()), "AUROC": round(auroc(conf[m], correct[m]), 4),
+            "ECE": round(ece(conf[m], correct[m]), 4)}
 
 
 def save_head(head, directory) -> None:

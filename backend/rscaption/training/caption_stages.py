@@ -110,15 +110,27 @@ def stage_calibrate(run: Run, rng):
     cap = trained_captioner(run)
     emb = torch.load(run.dir / "embeddings.pt")
     train = sample_embeddings(emb)[:, 0].numpy()
+    train_pos = plan.scene_targets("train")[0][plan.train.sample_record] if len(plan.train) == len(train) else None
+    keep = plan.drawable if train_pos is not None else np.ones(len(train), bool)
+    train, train_pos = train[keep], (train_pos[keep] if train_pos is not None else None)
     if len(train) > 20000:
-        train = train[np.sort(rng.choice(len(train), 20000, replace=False))]
+        pick = np.sort(rng.choice(len(train), 20000, replace=False))
+        train, train_pos = train[pick], (train_pos[pick] if train_pos is not None else None)
     cfg = {**run.cfg.get("calibrate", {}), "seed": run.cfg.get("seed", 0)}
     template = run.cfg.get("contrastive", {}).get("prompt_template", "an aerial image of a {}.")
     head, report = fit_scene_head(cap, plan, emb["val"][:, 0].numpy(), train, cfg, rng, template,
-                                  beam_size=beam_of(run), log=run.log)
+                                  beam_size=beam_of(run), log=run.log, train_pos=train_pos,
+                                  length_penalty=length_penalty_of(run))
     save_head(head, run.dir / "calibrate")
     (run.dir / "calibrate" / "report.json").write_text(json.dumps(report, indent=2))
     return {"AUROC": report["all"]["AUROC"], "ECE": report["all"]["ECE"], "temperature": report["temperature"]}
+
+
+def length_penalty_of(run: Run) -> float:
+    """The card's length penalty (what the pipeline decodes with), else the evaluate section's."""
+    card = run.cfg.get("export", {}).get("card", {})
+    lp = card.get("length_penalty", run.cfg.get("evaluate", {}).get("length_penalty", 1.0))
+    return float(lp)
 
 
 def beam_of(run: Run) -> int:
@@ -160,14 +172,15 @@ def stage_export(run: Run, rng):
 
 def stage_evaluate(run: Run, rng):
     """Every val set of the run with the exported model (``eval.json``); the confidence figures are
-    on the half of each set that calibration did not see."""
+    on the half of each set that calibration did not see. The main figures are computed in
+    ``evaluate.precision`` (fp32: the same on every machine); each of ``evaluate.compare_precisions``
+    (e.g. bf16, what ``auto`` computes in on AMX CPUs) is run again and reported beside them."""
     from ..evaluation.scene_eval import split_halves
-    from ..evaluation.set_report import evaluate_set, summary_row
     from ..models.registry import load_model
 
     plan = plan_of(run)
     e = run.cfg.get("evaluate", {})
-    cap = load_model(str(run.dir / "model"))
+    cap = load_model(str(run.dir / "model"), precision=e.get("precision", "fp32"))
     template = run.cfg.get("contrastive", {}).get("prompt_template", "an aerial image of a {}.")
     prompt_emb = np.asarray(cap.embed_texts(plan.vocab.prompts(template)), np.float32) if len(plan.vocab) else \
         np.zeros((0, cap.embed_dim), np.float32)
@@ -175,18 +188,29 @@ def stage_evaluate(run: Run, rng):
     sets = plan.val.record_set
     report_half = ~split_halves(sets, int(run.cfg.get("seed", 0))) if getattr(cap, "scene", None) else \
         np.ones(len(sets), bool)
-    report = {"model": str(run.dir / "model"), "model_hash": cap.model_hash, "sets": {}}
+    report = {"model": str(run.dir / "model"), "model_hash": cap.model_hash, "precision": cap.precision, "sets": {}}
+    rows = _evaluate_sets(run, plan, cap, e, prompt_emb, pos, allowed, sets, report_half, report["sets"])
+    report["summary"] = rows
+    for precision in e.get("compare_precisions", []) or []:
+        cap.precision = precision
+        report[f"summary_{precision}"] = _evaluate_sets(run, plan, cap, e, prompt_emb, pos, allowed, sets,
+                                                         report_half, {}, tag=precision)
+    (run.dir / "eval.json").write_text(json.dumps(report, indent=2))
+    return {"summary": rows}
+
+
+def _evaluate_sets(run, plan, cap, e, prompt_emb, pos, allowed, sets, report_half, into: dict, tag=None) -> list:
+    from ..evaluation.set_report import evaluate_set, summary_row
+
     rows = []
     for si, s in enumerate(plan.sets):
         m = sets == si
         if not m.any():
             continue
         rep = evaluate_set(cap, s.val, pos[m], allowed[m], prompt_emb, s.has_captions, report_half[m],
-                           beam_size=int(e.get("beam_size", 3)), meteor=bool(e.get("meteor", True)),
-                           length_penalty=float(e.get("length_penalty", 1.0)))
-        report["sets"][s.spec.name] = rep
+                           beam_size=int(e.get("beam_size", 3)), meteor=bool(e.get("meteor", True)) and tag is None,
+                           length_penalty=length_penalty_of(run), ground_m=s.spec.ground_m)
+        into[s.spec.name] = rep
         rows.append(summary_row(s.spec.name, rep))
-        run.log({"stage": "evaluate", **rows[-1]})
-    report["summary"] = rows
-    (run.dir / "eval.json").write_text(json.dumps(report, indent=2))
-    return {"summary": rows}
+        run.log({"stage": "evaluate", **({"precision": tag} if tag else {}), **rows[-1]})
+    return rows

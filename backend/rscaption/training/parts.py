@@ -160,6 +160,7 @@ def run_captioner(run: Run, enc=None, lm=None, mapping=None):
         mapping = build_mapping({**m, "embed_dim": enc.embed_dim, "lm_hidden": lm_width(lm)})
     cap = Captioner(enc, mapping, lm, tok, card=model_card(run), model_id=run.cfg.get("name", "run"),
                     storage_dtype=run.cfg.get("export", {}).get("storage_dtype", "float16"))
+    cap.precision = "fp32"  # val captioning and calibration in training give the same numbers on every CPU
     cap.train(False)
     return cap
 
