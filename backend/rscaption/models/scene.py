@@ -148,11 +148,11 @@ class SceneHead:
         for i, ((text, _), c) in enumerate(zip(captions, conf)):
             c = float(c)
             if named is not None and unseen[named[i]]:
-                alt = self._plausible(emb[i:i + 1], (alternatives or [[]] * len(captions))[i], unseen, embed)
-                text, c = alt if alt is not None else (UNSURE_TEMPLATE.format(*tops[i][:2]), min(c, self.low_threshold))
+                alt = self._plausible(emb[i:i + 1], alternatives[i] if alternatives else [], unseen, embed)
                 if alt is None:
-                    out.append((text, c))
+                    out.append((UNSURE_TEMPLATE.format(*tops[i][:2]), min(c, self.low_threshold)))
                     continue
+                text, c = alt
             if tops is not None and c < self.low_threshold:
                 text = UNSURE_TEMPLATE.format(*tops[i][:2])
             out.append((text, c))

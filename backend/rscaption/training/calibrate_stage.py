@@ -4,9 +4,9 @@ Half of every val set (seeded) fits the temperature of the scene posterior and t
 confidence model; the other half is left for the report, so the AUROC and calibration error in
 the model card are measured on images the confidence never saw. Because a half of a small set
 holds few wrong captions (UCM's: 5), the report also cross-fits: the logistic model is fitted on
-each half in turn and scores the other, so every val image is scored by a model that did not see it. The target is "the caption names
-the right scene" (``evaluation.scene_eval``), with captions decoded exactly as the pipeline will
-decode them (the card's beam width).
+each half in turn and scores the other, so every val image is scored by a model that did not see
+it. The target is "the caption names the right scene" (``evaluation.scene_eval``), with captions
+decoded exactly as the pipeline will decode them (the card's beam width and length penalty).
 """
 
 from __future__ import annotations

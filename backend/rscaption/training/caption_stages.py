@@ -25,12 +25,14 @@ def quick_val(cap, val_emb, val_records, beam: int = 1) -> dict:
     return {"val_CIDEr": round(s["CIDEr-D"], 3), "val_BLEU-4": round(s["BLEU-4"], 3)}
 
 
-def sample_embeddings(emb: dict):
-    """Train embeddings as ``[n_samples, 1, D]`` in the plan's order: the LiT stages write that
+def sample_embeddings(emb: dict, plan):
+    """Train embeddings as ``[n_samples, 1, D]`` in ``plan``'s order: the LiT stages write that
     layout; the CLIP stage writes ``[N, V, D]``, which is the same samples view by view."""
     tr = emb["train"]
     if emb.get("layout") != "samples" and tr.shape[1] > 1:
         tr = tr.permute(1, 0, 2).reshape(-1, 1, tr.shape[-1])
+    if tr.shape[0] != len(plan.train):
+        raise TrainError("embeddings do not match the training data; rerun the embed stage")
     return tr
 
 
@@ -48,9 +50,7 @@ def stage_mapping(run: Run, rng):
     plan = plan_of(run)
     cap = run_captioner(run)
     emb = torch.load(run.dir / "embeddings.pt")
-    train_emb = sample_embeddings(emb)
-    if train_emb.shape[0] != len(plan.train):
-        raise TrainError("embeddings do not match the training data; rerun the embed stage")
+    train_emb = sample_embeddings(emb, plan)
     mdir = run.dir / "mapping"
     mdir.mkdir(exist_ok=True)
     cfg = run.cfg.get("mapping", {})
@@ -109,13 +109,13 @@ def stage_calibrate(run: Run, rng):
         return info
     cap = trained_captioner(run)
     emb = torch.load(run.dir / "embeddings.pt")
-    train = sample_embeddings(emb)[:, 0].numpy()
-    train_pos = plan.scene_targets("train")[0][plan.train.sample_record] if len(plan.train) == len(train) else None
-    keep = plan.drawable if train_pos is not None else np.ones(len(train), bool)
-    train, train_pos = train[keep], (train_pos[keep] if train_pos is not None else None)
+    train = sample_embeddings(emb, plan)[:, 0].numpy()
+    # what epochs draw, with each sample's right classes (for the labelled prototypes)
+    train = train[plan.drawable]
+    train_pos = plan.scene_targets("train")[0][plan.train.sample_record][plan.drawable]
     if len(train) > 20000:
         pick = np.sort(rng.choice(len(train), 20000, replace=False))
-        train, train_pos = train[pick], (train_pos[pick] if train_pos is not None else None)
+        train, train_pos = train[pick], train_pos[pick]
     cfg = {**run.cfg.get("calibrate", {}), "seed": run.cfg.get("seed", 0)}
     template = run.cfg.get("contrastive", {}).get("prompt_template", "an aerial image of a {}.")
     head, report = fit_scene_head(cap, plan, emb["val"][:, 0].numpy(), train, cfg, rng, template,
