@@ -85,6 +85,7 @@ SHOT = textwrap.dedent(r"""
         print("SHOT", CFG["out"], "hits", len(dock.hits), "status", dock.status.text(), flush=True)
         from rscaption_plugin.backend_client import POOL
         POOL.shutdown()
+        QgsProject.instance().clear()  # as File > Exit does; see tests/test_plugin_desktop.py
         QApplication.instance().quit()
 
     def poll():
