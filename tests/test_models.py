@@ -11,7 +11,8 @@ import torch
 from rscaption.device import default_dtype, pick_device
 from rscaption.errors import ModelError
 from rscaption.models.captioner import clean_caption
-from rscaption.models.checkpoint import hash_dir, load_checkpoint
+from rscaption.models.checkpoint import load_checkpoint
+from rscaption.models.checkpoint_save import hash_dir
 from rscaption.models.mapping import build_mapping
 from rscaption.models.registry import describe_model, load_model
 from rscaption.models.tiny import build_tiny_captioner

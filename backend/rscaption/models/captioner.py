@@ -140,13 +140,13 @@ class Captioner(nn.Module):
         """sha256 over config.json + weight files of the checkpoint dir (see checkpoint.py). For a
         model built in memory it is computed by saving to a temporary dir once."""
         if self._hash is None:
-            from .checkpoint import hash_unsaved
+            from .checkpoint_save import hash_unsaved
 
             self._hash = hash_unsaved(self)
         return self._hash
 
     def save(self, directory) -> Path:
-        from .checkpoint import save_checkpoint
+        from .checkpoint_save import save_checkpoint
 
         return save_checkpoint(self, directory)
 

@@ -28,11 +28,8 @@ so it identifies exactly the numbers that produce the embeddings stored in a Geo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,80 +37,13 @@ import torch
 from ..errors import ModelError
 from .captioner import Captioner
 from .decoder import Decoder
-from .encoders import build_encoder, save_hf_model
+from .encoders import build_encoder
 from .mapping import build_mapping
 from .scene import SceneHead
-from .weights import load_into, load_state, quiet_loading, save_state, storage_dtype
+from .weights import load_into, load_state, quiet_loading
+from .checkpoint_save import FORMAT, VERSION, hash_dir
 
-FORMAT = "rscaption-captioner"
-VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def is_checkpoint_dir(path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (ValueError, OSError):
-        return False
-
-
-def hash_dir(directory) -> str:
-    directory = Path(directory)
-    files = [directory / "config.json"] + sorted(directory.rglob("*.safetensors"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(directory).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def hash_unsaved(cap: Captioner) -> str:
-    with tempfile.TemporaryDirectory(prefix="rscaption-hash-") as tmp:
-        _write(cap, Path(tmp) / "ckpt")
-        return hash_dir(Path(tmp) / "ckpt")
-
-
-def _write(cap: Captioner, out: Path) -> None:
-    with quiet_loading():
-        _write_files(cap, out)
-
-
-def _write_files(cap: Captioner, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=False)
-    dtype = storage_dtype(cap.storage_dtype)
-    config = {"format": FORMAT, "version": VERSION, "storage_dtype": cap.storage_dtype,
-              "encoder": cap.encoder.save(out, dtype), "mapping": None, "lm": None, "tokenizer": None,
-              "card": {k: v for k, v in cap._card.items()}}
-    if cap.mapping is not None:
-        save_state(cap.mapping.state_dict(), out / "mapping.safetensors", dtype)
-        config["mapping"] = {**cap.mapping.config(), "weights": "mapping.safetensors"}
-    if cap.lm is not None:
-        save_hf_model(cap.lm, out / "lm", dtype)
-        config["lm"] = {"path": "lm", "model_type": cap.lm.config.model_type}
-    if cap.tokenizer is not None:
-        cap.tokenizer.save_pretrained(str(out / "tokenizer"))
-        config["tokenizer"] = {"path": "tokenizer"}
-    if len(cap.extra_decoders):  # no key at all for English-only models: their hashes stay as they were
-        config["decoders"] = {lang: {"path": f"decoders/{lang}", **write_decoder(dec, out / "decoders" / lang, dtype)}
-                              for lang, dec in cap.extra_decoders.items()}
-    if getattr(cap, "scene", None) is not None:  # calibrated confidence (models.scene)
-        config["scene"] = cap.scene.save(out, dtype)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def write_decoder(dec: Decoder, out: Path, dtype: torch.dtype) -> dict:
-    """A decoder's files in ``out``; returns its config entry (paths relative to ``out``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_state(dec.mapping.state_dict(), out / "mapping.safetensors", dtype)
-    save_hf_model(dec.lm, out / "lm", dtype)
-    dec.tokenizer.save_pretrained(str(out / "tokenizer"))
-    return {"mapping": {**dec.mapping.config(), "weights": "mapping.safetensors"},
-            "lm": {"path": "lm", "model_type": dec.lm.config.model_type}, "tokenizer": {"path": "tokenizer"}}
 
 
 def load_decoder(entry: dict, directory: Path) -> Decoder:
@@ -133,29 +63,6 @@ def _load_decoders(config: dict, directory: Path) -> dict:
             raise ModelError(f"checkpoint decoder '{lang}' points outside the checkpoint: {entry.get('path')}")
         out[lang] = load_decoder(entry, sub)
     return out
-
-
-def save_checkpoint(cap: Captioner, directory) -> Path:
-    """Write to a sibling temp dir, then swap it in, so an interrupted save never leaves a
-    half-written checkpoint where a good one was. Refuses to overwrite a non-checkpoint dir."""
-    directory = Path(directory).resolve()
-    if directory.exists() and any(directory.iterdir()) and not is_checkpoint_dir(directory):
-        raise ModelError(f"refusing to overwrite {directory}: not empty and not an rscaption checkpoint")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
-    try:
-        _write(cap, tmp / "ckpt")
-        old = None
-        if directory.exists():
-            old = directory.with_name(directory.name + ".old-" + tmp.name[-8:])
-            os.replace(directory, old)
-        os.replace(tmp / "ckpt", directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    cap._hash = hash_dir(directory)
-    return directory
 
 
 def read_config(directory) -> dict:

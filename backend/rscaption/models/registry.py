@@ -27,38 +27,10 @@ import os
 from pathlib import Path
 
 from ..errors import ModelError
+from .tiny_names import TINY_KINDS, parse_tiny_name, tiny_name  # noqa: F401  (part of the registry's API)
 
 DEFAULT_NAME = "default"
 _REGISTERED: dict[str, str] = {}
-TINY_KINDS = ("open_clip", "hf_clip", "lit")
-
-
-def tiny_name(kind: str = "open_clip", mapping: str = "mlp", seed: int = 0) -> str:
-    """The loadable name of a tiny model, used as its model_id (so a run made with an in-memory
-    tiny model can be searched again by name)."""
-    return "tiny-" + "-".join([kind] + ([mapping] if mapping != "mlp" else []) + ([f"seed{seed}"] if seed else []))
-
-
-def parse_tiny_name(name: str) -> dict | None:
-    """'tiny', 'tiny-lit', 'tiny-hf_clip-transformer-seed3' -> build_tiny_captioner kwargs."""
-    from .mapping import MAPPINGS
-
-    if name == "tiny":
-        return {"kind": "open_clip"}
-    parts = name.split("-")
-    if parts[0] != "tiny" or len(parts) < 2 or parts[1] not in TINY_KINDS:
-        return None
-    out = {"kind": parts[1]}
-    for p in parts[2:]:
-        if p in MAPPINGS:
-            out["mapping"] = p
-        elif p.startswith("seed") and p[4:].isdigit():
-            out["seed"] = int(p[4:])
-        else:
-            return None
-    return out
-
-
 def register_model(name: str, path) -> None:
     """Give a checkpoint dir a short name (e.g. for a plugin's model list)."""
     _REGISTERED[name] = str(path)
@@ -134,7 +106,8 @@ def load_model(name_or_path="default", device=None, dtype=None, precision=None):
 
 
 def _load_model(name_or_path, device, dtype):
-    from .checkpoint import is_checkpoint_dir, load_checkpoint
+    from .checkpoint import load_checkpoint
+    from .checkpoint_save import is_checkpoint_dir
     from .weights import quiet_loading
 
     name = str(name_or_path)

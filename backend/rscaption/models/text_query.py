@@ -107,7 +107,8 @@ def load_text_query_model(name) -> TextQueryModel | None:
     text = enc.get("text_tower") or {}
     if enc.get("kind") != "lit" or enc.get("pooling", "mean") != "mean":
         return None
-    from .checkpoint import check_file_refs, hash_dir
+    from .checkpoint import check_file_refs
+    from .checkpoint_save import hash_dir
     from .encoders import LIT_TEXT_PACKAGE, minilm_dir
 
     check_file_refs(config, directory.resolve())

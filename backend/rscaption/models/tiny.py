@@ -12,6 +12,7 @@ import torch
 from .captioner import Captioner
 from .encoders import HFClipEncoder, LitEncoder, OpenClipEncoder, make_preprocess
 from .mapping import build_mapping
+from .tiny_names import tiny_name
 
 EOS = "<|endoftext|>"
 
@@ -138,7 +139,5 @@ def build_tiny_captioner(kind: str = "open_clip", mapping: str = "mlp", seed: in
     torch.manual_seed(seed)
     card = {"description": f"tiny random {kind} captioner for tests and demos (captions are meaningless)",
             "lm": "tiny-gpt2", "tile_size": 256, "ground_resolution_m": None, "trained_on": None}
-    from .registry import tiny_name
-
     name = tiny_name(kind, mapping, seed) if prefix_length == 4 else f"tiny-{kind}-{mapping}-p{prefix_length}"
     return Captioner(encoder, build_mapping(mcfg), lm, tokenizer, card=card, model_id=name)

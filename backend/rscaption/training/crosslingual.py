@@ -16,7 +16,7 @@ for 512-d CLIP is the same idea for a wider gap). ``noise_std`` defaults to 0.09
 
 Layout of a trained language in ``<run>/crosslingual/<lang>/``: ``tokenizer/``, ``lm_pretrained/``
 (the LM after text-only pretraining), ``last.pt`` (per-epoch state: resumable), ``decoder/`` (the
-exported decoder: ``decoder.json`` + the files ``checkpoint.write_decoder`` writes) and
+exported decoder: ``decoder.json`` + the files ``checkpoint_save.write_decoder`` writes) and
 ``report.json`` (scene agreement and character BLEU on the val split).
 """
 
@@ -203,7 +203,7 @@ def train_decoder(cap, pairs: list[tuple[str, str]], cfg: dict, rng: np.random.G
 
 
 def export_decoder(cap, dec: Decoder, directory) -> Path:
-    from ..models.checkpoint import write_decoder
+    from ..models.checkpoint_save import write_decoder
 
     directory = Path(directory)
     entry = write_decoder(dec, directory, torch.float32)
