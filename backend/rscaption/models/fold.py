@@ -8,10 +8,10 @@ order; folding and channels-last remove both.  The copy is separate from the tra
 training, saving and hashing never see folded weights, and it is checked against the original on
 a probe batch before use: a tower this code does not understand is simply left as it is.
 
-After folding, a third of the encoder's time went to passes that only add the folded bias and
-clamp (ReLU6) over every activation; oneDNN applies both inside the convolution
-(``mkldnn._convolution_pointwise``, the call PyTorch's own compiler emits for conv + activation on
-the CPU), which also handles the 1x1 and depthwise convolutions better than the eager paths.
+After folding, separate passes still added the folded bias and clamped (ReLU6) every activation;
+oneDNN applies both inside the convolution (``mkldnn._convolution_pointwise``, the call PyTorch's
+own compiler emits for conv + activation on the CPU) and runs the 1x1 and depthwise convolutions
+faster than the eager paths: 18-19 -> 14 ms per 224 px tile on one core in fp32, 11.5 -> 6 in bf16.
 """
 
 from __future__ import annotations
