@@ -123,6 +123,41 @@ def count_flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
+def tower_alone(cap, batch: int = 8, reps: int = 5) -> dict | None:
+    """The image tower alone on one thread, batch 8, as each engine worker runs it: the trained
+    modules, the folded copy, the folded and fused copy (CPU), each in fp32 and bf16; the same
+    random pixels, variants alternated twice and the best kept. None for towers that are not
+    CNNs (nothing is folded there)."""
+    import copy
+
+    import torch
+
+    from .local_engine import torch_threads
+    from .models.fold import can_fuse, folded_copy
+
+    if getattr(cap.encoder, "kind", None) != "lit":
+        return None
+    tower = cap.encoder.image_tower.eval()
+    size = int(cap.encoder.preprocess["image_size"])
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        flops = count_flops(lambda: tower(x)) / batch
+        variants = {"plain": (tower, x), "folded": (folded_copy(tower, x[:2], fuse=False)[0], x)}
+        if can_fuse(x.device):
+            variants["fused"] = (folded_copy(tower, x[:2], fuse=True)[0], x)
+        for name in [n for n in variants if n != "plain"]:
+            variants[f"{name}_bf16"] = (copy.deepcopy(variants[name][0]).to(torch.bfloat16), x.to(torch.bfloat16))
+        best = dict.fromkeys(variants, float("inf"))
+        with torch_threads(1):
+            for _ in range(2):
+                for name, (m, inp) in variants.items():
+                    best[name] = min(best[name], _best(lambda: m(inp), reps) / batch)
+    return {"batch": batch, "image_size": size, "gflop_per_tile": round(flops / 1e9, 4),
+            "ms_per_tile": {k: round(1e3 * v, 2) for k, v in best.items()},
+            "gflops": {k: round(flops / v / 1e9, 1) for k, v in best.items()}}
+
+
 @contextlib.contextmanager
 def precision_of(cap, precision):
     old = cap.precision
@@ -295,6 +330,7 @@ def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int 
         with precision_of(cap, "bf16"):
             report["split_optimised_bf16"] = stage_split(cap, raster, tile, split_tiles, True, 1, beam)
         report["decode_thread_placement"] = thread_placement(cap, default_threads, beam)
+        report["tower_alone"] = tower_alone(cap)
         runs = {"baseline": [], "optimised": [], "optimised_bf16": [], "one_worker_all_threads": [],
                 "plain_modules_in_engine": []}
         summaries = {}
@@ -333,6 +369,13 @@ def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int 
                                   for k, v in split["gflops_achieved"].items()}
         split["share_of_fp32_peak"] = {k: round(v / (report["matmul"]["peak_gflops_per_core"] * cores_used), 3)
                                        for k, v in split["gflops_achieved"].items()}
+    alone = report["tower_alone"]
+    if alone:  # one thread: against one core's peak of the dtype, and of fp32
+        per_core = {"float32": report["matmul"]["peak_gflops_per_core"],
+                    "bfloat16": report["matmul_bf16"]["peak_gflops_per_core"]}
+        alone["share_of_peak"] = {k: round(v / per_core["bfloat16" if k.endswith("bf16") else "float32"], 3)
+                                  for k, v in alone["gflops"].items()}
+        alone["share_of_fp32_peak"] = {k: round(v / per_core["float32"], 3) for k, v in alone["gflops"].items()}
     st = report["end_to_end"]["optimised_stages"] or {}
     wall = summaries["optimised"].seconds
     report["end_to_end"]["overlap"] = {
@@ -360,6 +403,12 @@ def print_report(r: dict) -> None:
         print(f"  {label:9s} {s['ms_per_tile']} ms/tile in one stage-by-stage pass ({s['threads']} threads, "
               f"{s['compute_dtype']}): {shares}")
         print(f"            {rates}; GFLOP/tile {s['gflop_per_tile']}")
+    alone = r.get("tower_alone")
+    if alone:
+        print(f"  image tower alone (1 thread, batch {alone['batch']}, {alone['gflop_per_tile']} GFLOP/tile): " + ", ".join(
+            f"{k} {alone['ms_per_tile'][k]} ms/tile = {v} GFLOP/s ({100 * alone['share_of_peak'][k]:.0f}% of its "
+            f"dtype's peak per core, {100 * alone['share_of_fp32_peak'][k]:.0f}% of fp32's)"
+            for k, v in alone["gflops"].items()))
     tp = r["decode_thread_placement"]
     print(f"  decoding with {tp['threads']} threads: {tp['main_thread_ms']} ms/tile from the main thread, "
           f"{tp['fresh_thread_ms']} ms/tile from a fresh thread")
