@@ -36,12 +36,12 @@ import torch
 
 from ..errors import ModelError
 from .captioner import Captioner
+from .checkpoint_save import FORMAT, VERSION, hash_dir
 from .decoder import Decoder
 from .encoders import build_encoder
 from .mapping import build_mapping
 from .scene import SceneHead
 from .weights import load_into, load_state, quiet_loading
-from .checkpoint_save import FORMAT, VERSION, hash_dir
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 

@@ -52,8 +52,9 @@ class _Pointwise(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
-# Activations oneDNN can apply inside the convolution: module type -> (attr, scalars).
 def _fusable_act(act: nn.Module | None) -> tuple[str, list] | None:
+    """oneDNN's name and scalars for an activation it can apply inside the convolution; None
+    for one it cannot (it then stays a module after the convolution)."""
     if act is None or type(act) is nn.Identity:
         return "none", []
     if type(act) is nn.ReLU:

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from ..errors import ModelError
-from .tiny_names import TINY_KINDS, parse_tiny_name, tiny_name  # noqa: F401  (part of the registry's API)
+from .tiny_names import parse_tiny_name
 
 DEFAULT_NAME = "default"
 _REGISTERED: dict[str, str] = {}

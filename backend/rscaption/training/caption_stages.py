@@ -49,7 +49,7 @@ def stage_mapping(run: Run, rng):
 
     plan = plan_of(run)
     cap = run_captioner(run)
-    emb = torch.load(run.dir / "embeddings.pt")
+    emb = torch.load(run.dir / "embeddings.pt", weights_only=True)
     train_emb = sample_embeddings(emb, plan)
     mdir = run.dir / "mapping"
     mdir.mkdir(exist_ok=True)
@@ -62,7 +62,7 @@ def stage_mapping(run: Run, rng):
     start = 0
     ck = mdir / "last.pt"
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=True)
         cap.mapping.load_state_dict(st["mapping"])
         cap.lm.load_state_dict(st["lm"])
         rng.bit_generator.state = st["rng"]
@@ -108,7 +108,7 @@ def stage_calibrate(run: Run, rng):
         run.log({"stage": "calibrate", **info})
         return info
     cap = trained_captioner(run)
-    emb = torch.load(run.dir / "embeddings.pt")
+    emb = torch.load(run.dir / "embeddings.pt", weights_only=True)
     train = sample_embeddings(emb, plan)[:, 0].numpy()
     # what epochs draw, with each sample's right classes (for the labelled prototypes)
     train = train[plan.drawable]

@@ -50,7 +50,7 @@ def stage_clip_contrastive(run: Run, rng):
     ck = cdir / "last.pt"
     start = 0
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=True)
         trainer.load_trained(st["encoder"])
         trainer.opt.load_state_dict(st["opt"])
         rng.bit_generator.state = st["rng"]

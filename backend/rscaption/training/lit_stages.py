@@ -128,7 +128,7 @@ def stage_contrastive(run, plan, enc, pretrained_enc, prompts, rng, save_checkpo
     feats_path = cdir / "text_features.pt"
     texts, cap_ids = unique_captions(plan.train.records)
     if feats_path.exists():
-        tf = torch.load(feats_path)
+        tf = torch.load(feats_path, weights_only=True)
     else:
         t0 = time.time()
         tf = {"captions": text_features(enc, texts), "prompts": text_features(enc, prompts)}
@@ -139,7 +139,7 @@ def stage_contrastive(run, plan, enc, pretrained_enc, prompts, rng, save_checkpo
     start = 0
     ck = cdir / "last.pt"
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=True)
         enc.load_trainable(st["live"] if st.get("live") is not None else st["encoder"])
         trainer.opt.load_state_dict(st["opt"])
         if trainer.ema is not None and st.get("live") is not None:
@@ -204,7 +204,7 @@ def stage_embed(run, plan, enc, pretrained_enc) -> dict:
     from .features import SplitTower
 
     tower = SplitTower(enc.image_tower, _cut_points(run.cfg)[1])
-    tf = torch.load(run.dir / "contrastive" / "text_features.pt")
+    tf = torch.load(run.dir / "contrastive" / "text_features.pt", weights_only=True)
     trainer = HeadTrainer(enc, tower, 0, tf["prompts"], run.cfg.get("contrastive", {}))
     t0 = time.time()
     emb = {"train": trainer.embed_all(load_trunks(run, plan, enc, pretrained_enc, "train")),

@@ -130,7 +130,7 @@ def prompt_texts(run: Run, ds):
 def trained_encoder(run: Run):
     import torch
 
-    st = torch.load(run.dir / "contrastive" / "last.pt", weights_only=False)
+    st = torch.load(run.dir / "contrastive" / "last.pt", weights_only=True)
     if encoder_kind(run) == "clip":
         from .clip_trainer import load_trained_state
 
@@ -182,7 +182,7 @@ def trained_captioner(run: Run):
     import torch
 
     cap = run_captioner(run)
-    st = torch.load(run.dir / "mapping" / "last.pt", weights_only=False)
+    st = torch.load(run.dir / "mapping" / "last.pt", weights_only=True)
     cap.mapping.load_state_dict(st["mapping"])
     cap.lm.load_state_dict(st["lm"])
     return cap
