@@ -116,6 +116,12 @@ def test_three_kinds_of_sets_load_as_one(tmp_path, vocab):
     sets = ms.train.sample_set[order]
     assert [int((sets == i).sum()) for i in range(3)] == [3, 2, 8]
     assert len(set(order[sets == 2].tolist())) == 8, "no repeats before every sample was drawn once"
+    # a stage may draw with other weights (the mapping's mapping.set_weights), by set name
+    names = [s.spec.name for s in ms.sets]
+    order = ms.epoch_order(np.random.default_rng(0), weights={names[0]: 3.0, names[2]: 0.5})
+    assert [int((ms.train.sample_set[order] == i).sum()) for i in range(3)] == [9, 2, 2]
+    with pytest.raises(TrainError, match="set weights name unknown sets: nope"):
+        ms.epoch_order(np.random.default_rng(0), weights={"nope": 1.0})
     assert ms.footprints()[1] == {"dataset": "eurosat", "train_images": 3, "ground_m_per_px": 10.0,
                                   "tile_px": 64, "footprint_m": 640.0}
 

@@ -54,6 +54,7 @@ def stage_mapping(run: Run, rng):
     mdir = run.dir / "mapping"
     mdir.mkdir(exist_ok=True)
     cfg = run.cfg.get("mapping", {})
+    weights = cfg.get("set_weights")  # the caption sets' share of the decoder's training, if not the data's
     per_image = []
     for r in plan.train.records:
         ids, mask = cap.tokenize_captions([normalize_caption(c) for c in r.captions])
@@ -85,7 +86,7 @@ def stage_mapping(run: Run, rng):
 
     hist = train_mapping(cap.mapping, cap.lm, train_emb, seqs, cap.tokenizer.pad_token_id, cfg, rng,
                          log=run.log, start_epoch=start, on_epoch_end=save, val_fn=val_fn,
-                         loss_fn=cap.caption_loss, order_fn=plan.epoch_order)
+                         loss_fn=cap.caption_loss, order_fn=lambda g: plan.epoch_order(g, weights))
     return {"epochs": epochs, "final_loss": hist[-1]["loss"] if hist else None,
             **({k: v for k, v in hist[-1].items() if k.startswith("val_")} if hist else {})}
 

@@ -222,13 +222,18 @@ class MultiSet:
             ok &= ~((self.train.sample_view >= SCALE_VIEW_BASE) & fine_img[self.train.sample_record])
         return ok
 
-    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+    def epoch_order(self, rng: np.random.Generator, weights: dict | None = None) -> np.ndarray:
         """Train sample indices for one epoch: ``round(weight * n_images)`` draws per set, spread
-        over its drawable views without repeats until every such sample of the set was drawn once."""
+        over its drawable views without repeats until every such sample of the set was drawn once.
+        ``weights`` (set name -> weight) overrides the sets' own for one stage (the mapping's)."""
+        weights = weights or {}
+        unknown = set(weights) - {s.spec.name for s in self.sets}
+        if unknown:
+            raise TrainError(f"set weights name unknown sets: {', '.join(sorted(unknown))}")
         out = []
         for si, s in enumerate(self.sets):
             idx = np.flatnonzero((self.train.sample_set == si) & self.drawable)
-            want = int(round(s.spec.weight * len(s.train)))
+            want = int(round(float(weights.get(s.spec.name, s.spec.weight)) * len(s.train)))
             reps = [rng.permutation(idx) for _ in range(-(-want // max(1, len(idx))))]
             out.append(np.concatenate(reps)[:want] if reps else idx[:0])
         order = np.concatenate(out)
