@@ -140,4 +140,4 @@ def resolution_warning(card: dict, m_per_px: float | None, margin: float = 3.0) 
         return None
     trained = f"{_fmt_res(lo)}-{_fmt_res(hi)} m/px" if hi > lo else f"{_fmt_res(lo)} m/px"
     return (f"warning: {_fmt_res(m_per_px)} m/px is far from the {trained} this model was trained on; "
-            "expect guesses (their confidence is usually low)")
+            "expect guesses, and read their confidence with care: it was calibrated on imagery in that range")
