@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT, geotiff_path
 from rscaption.cli import main
 from rscaption.errors import StoreError
-from rscaption.gpkg import TileStore, _register_functions
+from rscaption.gpkg import TileStore
+from rscaption.gpkg_sql import register_functions
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_overwrite_onto_a_directory(tmp_path, capsys, tiny_model_dir):
 def edit(path, *statements):
     """Damage a copy with plain SQL (the R-tree triggers need the ST_ functions GDAL would give)."""
     con = sqlite3.connect(path)
-    _register_functions(con)
+    register_functions(con)
     for sql in statements:
         con.execute(*sql) if isinstance(sql, tuple) else con.execute(sql)
     con.commit()

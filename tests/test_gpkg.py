@@ -203,3 +203,32 @@ def test_qgis_places_ungeoreferenced_tiles_on_the_image(qgis_app, tmp_path):
             (min(xs), min(ys), max(xs), max(ys)))
     finally:
         del raster
+
+
+@pytest.mark.parametrize("raised, expected", [(KeyboardInterrupt, KeyboardInterrupt), (ValueError, StoreError)])
+def test_an_exception_inside_the_rtree_trigger(tmp_gpkg, monkeypatch, raised, expected):
+    """SQLite replaces what a Python SQL function raises by "user-defined function raised
+    exception". A Ctrl-C that lands while the R-tree trigger computes an envelope is still a
+    cancel (the CLI's exit 130, the kept tiles), a real failure still a one-line write error; either
+    way the batch is rolled back and the store keeps its tiles and keeps writing."""
+    from rscaption import gpkg_sql
+
+    with RasterTiler(geotiff_path("RGB.byte.tif"), TilingParams(tile_size=128)) as tiler:
+        tiles = tiler.plan()
+        store = TileStore.create(tmp_gpkg, tiler.crs_wkt, tiler.epsg, DIM)
+    records = records_for(tiles)
+    with store:
+        store.add(records[:5])
+
+        def fails(blob):
+            raise raised("in the trigger")
+
+        monkeypatch.setattr(gpkg_sql, "envelope", fails)
+        with pytest.raises(expected) as info:
+            store.add(records[5:10])
+        if expected is StoreError:
+            assert str(info.value).startswith(f"cannot write to {tmp_gpkg}: user-defined function raised exception")
+        monkeypatch.undo()
+        assert store.count() == 5
+        assert store.add(records[5:10]) == 5 and store.count() == 10
+        gpkg_sql.reraise_interrupt()  # nothing left pending for the next write

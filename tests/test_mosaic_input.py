@@ -15,7 +15,8 @@ import pytest
 from mosaic_data import assert_same_tiles, stored, write_geotiff, write_mosaic
 from rscaption.cli import main
 from rscaption.errors import RasterError
-from rscaption.gpkg import TileStore, _register_functions
+from rscaption.gpkg import TileStore
+from rscaption.gpkg_sql import register_functions
 from rscaption.pipeline import caption_raster, raster_fingerprint
 from rscaption.tiling import RasterTiler, TilingParams
 
@@ -84,7 +85,7 @@ def test_gdal_virtual_path_is_captioned_and_resumed(rasters, whole_result, tiny_
     # `rscaption check --repair` reopens the recorded virtual path to caption a damaged tile again
     damaged = next(tid for tid, r in whole_result.items() if r[3].strip())
     conn = sqlite3.connect(out)
-    _register_functions(conn)  # the R-tree triggers call the ST_ functions GDAL would provide
+    register_functions(conn)  # the R-tree triggers call the ST_ functions GDAL would provide
     with conn:
         conn.execute("UPDATE tiles SET caption = NULL WHERE tile_id = ?", (damaged,))
     conn.close()

@@ -412,10 +412,10 @@ def graded(captioned, tmp_path):
 
     out = tmp_path / "graded.gpkg"
     shutil.copy(captioned, out)
-    from rscaption.gpkg import _register_functions
+    from rscaption.gpkg_sql import register_functions
 
     con = sqlite3.connect(out)
-    _register_functions(con)  # the GeoPackage's rtree triggers call ST_* functions
+    register_functions(con)  # the GeoPackage's rtree triggers call ST_* functions
     con.execute("UPDATE tiles SET confidence = ((tile_id * 37) % 100) / 100.0")
     con.commit()
     con.close()

@@ -74,10 +74,10 @@ def column(path, sql) -> dict:
 
 def edit(path, sql, params=()):
     """An attribute edit as QGIS would make it (the R-tree triggers need the ST_* functions)."""
-    from rscaption.gpkg import _register_functions
+    from rscaption.gpkg_sql import register_functions
 
     con = sqlite3.connect(str(path))
-    _register_functions(con)
+    register_functions(con)
     try:
         con.execute(sql, params)
         con.commit()

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import geotiff_path
 from rscaption.cli import main
-from rscaption.gpkg import TileStore, _register_functions
+from rscaption.gpkg import TileStore
+from rscaption.gpkg_sql import register_functions
 from rscaption.pipeline import caption_raster
 from rscaption.tiling import TilingParams
 
@@ -35,7 +36,7 @@ def good(tmp_path_factory, tiny_model_dir, raster):
 
 def damage(path, *statements):
     con = sqlite3.connect(path)
-    _register_functions(con)
+    register_functions(con)
     for sql in statements:
         con.execute(sql)
     con.commit()

@@ -37,6 +37,7 @@ import numpy as np
 
 from . import store_check
 from .errors import StoreError
+from .gpkg_sql import envelope, register_functions, reraise_interrupt
 
 GPKG_APPLICATION_ID = 0x47504B47  # "GPKG"
 GPKG_USER_VERSION = 10200
@@ -84,51 +85,6 @@ def encode_polygon(ring, srs_id: int) -> bytes:
     header = b"GP" + struct.pack("<BBi4d", 0, 0b00000011, srs_id, min(xs), max(xs), min(ys), max(ys))
     wkb = struct.pack("<BIII", 1, 3, 1, len(points)) + struct.pack(f"<{2 * len(points)}d", *sum(points, ()))
     return header + wkb
-
-
-def envelope(blob) -> tuple[float, float, float, float] | None:
-    """(minx, maxx, miny, maxy) of a GeoPackage geometry blob, None for NULL or empty."""
-    if blob is None or len(blob) < 8 or blob[:2] != b"GP":
-        return None
-    flags = blob[3]
-    if flags & 0b10000:  # empty geometry
-        return None
-    order = "<" if flags & 1 else ">"
-    if (flags >> 1) & 0b111:
-        return struct.unpack_from(order + "4d", blob, 8)
-    return _wkb_polygon_envelope(bytes(blob[8:]))
-
-
-def _wkb_polygon_envelope(wkb: bytes):
-    # Only needed for envelope-less polygons written by other tools; GDAL always writes one.
-    order = "<" if wkb[0] == 1 else ">"
-    (gtype,) = struct.unpack_from(order + "I", wkb, 1)
-    if gtype != 3:
-        return None
-    (nrings,) = struct.unpack_from(order + "I", wkb, 5)
-    offset, coords = 9, []
-    for _ in range(nrings):
-        (n,) = struct.unpack_from(order + "I", wkb, offset)
-        coords.extend(struct.unpack_from(order + f"{2 * n}d", wkb, offset + 4))
-        offset += 4 + 16 * n
-    if not coords:
-        return None
-    xs, ys = coords[0::2], coords[1::2]
-    return min(xs), max(xs), min(ys), max(ys)
-
-
-def _st(index):
-    def fn(blob):
-        env = envelope(blob)
-        return None if env is None else env[index]
-    return fn
-
-
-def _register_functions(conn: sqlite3.Connection):
-    """The SQL functions the standard R-tree triggers call (GDAL registers its own)."""
-    for name, index in (("ST_MinX", 0), ("ST_MaxX", 1), ("ST_MinY", 2), ("ST_MaxY", 3)):
-        conn.create_function(name, 1, _st(index), deterministic=True)
-    conn.create_function("ST_IsEmpty", 1, lambda blob: int(envelope(blob) is None), deterministic=True)
 
 
 # -- schema ----------------------------------------------------------------------------------------
@@ -243,7 +199,7 @@ class TileStore:
         conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        _register_functions(conn)
+        register_functions(conn)
         return conn
 
     @classmethod
@@ -290,6 +246,7 @@ class TileStore:
                 conn.close()
             if os.path.exists(path):  # nothing was committed: leave no half-made file behind
                 os.remove(path)
+            reraise_interrupt()
             raise StoreError(f"cannot create GeoPackage {path}: {exc}") from None
         return cls(conn, path)
 
@@ -376,6 +333,7 @@ class TileStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
+                reraise_interrupt()  # a Ctrl-C inside the R-tree triggers is a cancel, not a write error
                 raise StoreError(f"cannot write to {self.path}: {exc}{_write_hint(exc)}") from None
         return added
 
@@ -388,6 +346,7 @@ class TileStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
+                reraise_interrupt()
                 raise StoreError(f"cannot write metadata to {self.path}: {exc}{_write_hint(exc)}") from None
 
     @staticmethod
@@ -403,6 +362,7 @@ class TileStore:
             try:
                 yield
             except sqlite3.DatabaseError as exc:
+                reraise_interrupt()
                 raise StoreError(f"cannot read {self.path}: the file is damaged ({exc})") from None
 
     def _one(self, sql, *args):

@@ -19,7 +19,8 @@ import sqlite3
 import numpy as np
 
 from .errors import StoreError
-from .gpkg import GEOM, RTREE, TABLE, _register_functions
+from .gpkg import GEOM, RTREE, TABLE
+from .gpkg_sql import register_functions, reraise_interrupt
 from .search_matrix import SearchMatrix, connect_ro
 
 MASKS_KEPT = 8
@@ -92,7 +93,7 @@ def filtered_ids(path: str, where: str | None, bbox, min_confidence: float | Non
     try:
         has_rtree = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (RTREE,)).fetchone()
         if bbox and not has_rtree:  # a copy made without the spatial index: envelopes computed here
-            _register_functions(conn)
+            register_functions(conn)
             sql = sql.replace(f'fid IN (SELECT id FROM "{RTREE}" WHERE minx <= ? AND maxx >= ? AND miny <= ? '
                               'AND maxy >= ?)', f'ST_MinX("{GEOM}") <= ? AND ST_MaxX("{GEOM}") >= ? AND '
                               f'ST_MinY("{GEOM}") <= ? AND ST_MaxY("{GEOM}") >= ?')
@@ -103,6 +104,7 @@ def filtered_ids(path: str, where: str | None, bbox, min_confidence: float | Non
         except sqlite3.Warning:  # more than one statement
             raise StoreError(f"bad --where expression {where!r}: only one expression is allowed") from None
         except sqlite3.DatabaseError as exc:
+            reraise_interrupt()  # a Ctrl-C inside the envelope functions, not a bad expression
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "not authorized" in msg:
                 msg = "it may only read the tiles layer's columns"

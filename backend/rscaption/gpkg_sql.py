@@ -1,0 +1,80 @@
+"""The SQL functions a GeoPackage's R-tree triggers call (ST_MinX ... ST_IsEmpty: GDAL registers its
+own, a plain sqlite3 connection has none), computed from the geometry blob's envelope.
+
+They run Python inside SQLite, which turns any exception raised there into "user-defined function
+raised exception" and drops it. A Ctrl-C that lands while a trigger runs one would therefore read
+as a failed write instead of a cancel; the functions keep it (per thread) so that the store,
+after rolling back, re-raises it with ``reraise_interrupt``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+import threading
+
+
+def envelope(blob) -> tuple[float, float, float, float] | None:
+    """(minx, maxx, miny, maxy) of a GeoPackage geometry blob, None for NULL or empty."""
+    if blob is None or len(blob) < 8 or blob[:2] != b"GP":
+        return None
+    flags = blob[3]
+    if flags & 0b10000:  # empty geometry
+        return None
+    order = "<" if flags & 1 else ">"
+    if (flags >> 1) & 0b111:
+        return struct.unpack_from(order + "4d", blob, 8)
+    return _wkb_polygon_envelope(bytes(blob[8:]))
+
+
+def _wkb_polygon_envelope(wkb: bytes):
+    # Only needed for envelope-less polygons written by other tools; GDAL always writes one.
+    order = "<" if wkb[0] == 1 else ">"
+    (gtype,) = struct.unpack_from(order + "I", wkb, 1)
+    if gtype != 3:
+        return None
+    (nrings,) = struct.unpack_from(order + "I", wkb, 5)
+    offset, coords = 9, []
+    for _ in range(nrings):
+        (n,) = struct.unpack_from(order + "I", wkb, offset)
+        coords.extend(struct.unpack_from(order + f"{2 * n}d", wkb, offset + 4))
+        offset += 4 + 16 * n
+    if not coords:
+        return None
+    xs, ys = coords[0::2], coords[1::2]
+    return min(xs), max(xs), min(ys), max(ys)
+
+
+class _Pending(threading.local):
+    interrupt: BaseException | None = None
+
+
+_PENDING = _Pending()
+
+
+def _keeping_interrupts(fn):
+    def call(blob):
+        try:
+            return fn(blob)
+        except KeyboardInterrupt as exc:
+            _PENDING.interrupt = exc
+            raise
+    return call
+
+
+def reraise_interrupt() -> None:
+    """Raise the Ctrl-C one of these functions swallowed in this thread, if any (and forget it)."""
+    exc, _PENDING.interrupt = _PENDING.interrupt, None
+    if exc is not None:
+        raise exc
+
+
+def _coordinate(index):
+    return lambda blob: None if (env := envelope(blob)) is None else env[index]
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    for name, index in (("ST_MinX", 0), ("ST_MaxX", 1), ("ST_MinY", 2), ("ST_MaxY", 3)):
+        conn.create_function(name, 1, _keeping_interrupts(_coordinate(index)), deterministic=True)
+    conn.create_function("ST_IsEmpty", 1, _keeping_interrupts(lambda blob: int(envelope(blob) is None)),
+                         deterministic=True)
