@@ -42,14 +42,19 @@ def cluster():
         ray.shutdown()
 
 
+def scene_and_local_result(root, model, w, h, seed):
+    """A GeoTIFF scene and its tiles as the local engine writes them (the reference)."""
+    tif = write_geotiff(root / f"scene{seed}.tif", w, h, seed=seed)
+    caption_raster(str(tif), str(root / f"local{seed}.gpkg"), model=model, tiling=PARAMS, batch_size=BATCH)
+    return str(tif), stored(root / f"local{seed}.gpkg")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("ray")
-    tif = write_geotiff(root / "scene.tif", W, H, seed=3)
+    tif, local = scene_and_local_result(root, tiny_model_dir, W, H, seed=3)
     vrt = write_mosaic(root / "pieces", W, H, cols=3, rows=2, seed=3)
-    local = root / "local.gpkg"
-    caption_raster(str(tif), str(local), model=tiny_model_dir, tiling=PARAMS, batch_size=BATCH)
-    return {"tif": str(tif), "vrt": str(vrt), "local": stored(local)}
+    return {"tif": tif, "vrt": str(vrt), "local": local}
 
 
 def count_rows(path) -> int:
@@ -120,11 +125,9 @@ def test_ctrl_c_then_killed_driver_resume_to_the_uninterrupted_result(cluster, t
     # a scene of 15 x 12 tiles: the CLI's shards are 8 tiles and commits land a few shards at a
     # time, so on the module's 29-tile scene the Ctrl-C could leave a single shard, which the
     # killed run then finished before the kill (seen: 1 run in 6)
-    tif = write_geotiff(tmp_path / "wide.tif", 480, 384, seed=5)
-    caption_raster(str(tif), str(tmp_path / "local.gpkg"), model=tiny_model_dir, tiling=PARAMS, batch_size=BATCH)
-    local = stored(tmp_path / "local.gpkg")
+    tif, local = scene_and_local_result(tmp_path, tiny_model_dir, 480, 384, seed=5)
     out = tmp_path / "ray.gpkg"
-    cmd = [sys.executable, "-m", "rscaption.cli", "caption", str(tif), "-o", str(out), "--model", tiny_model_dir,
+    cmd = [sys.executable, "-m", "rscaption.cli", "caption", tif, "-o", str(out), "--model", tiny_model_dir,
            "--tile-size", "32", "--batch-size", str(BATCH), "--engine", "ray", "--address", cluster, "-q"]
     rc, err = _start_and_stop(cmd, out, signal.SIGINT, 0)  # Ctrl-C: as the local engine
     assert rc == 130 and "cancelled; finished tiles are kept" in err, err
