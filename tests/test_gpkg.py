@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 
 import numpy as np
 import pytest
 
 from conftest import geotiff_path
+from rscaption import gpkg_sql
 from rscaption.errors import StoreError
 from rscaption.gpkg import GPKG_APPLICATION_ID, TileRecord, TileStore, now_iso
 from rscaption.tiling import RasterTiler, TilingParams
@@ -205,30 +208,47 @@ def test_qgis_places_ungeoreferenced_tiles_on_the_image(qgis_app, tmp_path):
         del raster
 
 
-@pytest.mark.parametrize("raised, expected", [(KeyboardInterrupt, KeyboardInterrupt), (ValueError, StoreError)])
-def test_an_exception_inside_the_rtree_trigger(tmp_gpkg, monkeypatch, raised, expected):
-    """SQLite replaces what a Python SQL function raises by "user-defined function raised
-    exception". A Ctrl-C that lands while the R-tree trigger computes an envelope is still a
-    cancel (the CLI's exit 130, the kept tiles), a real failure still a one-line write error; either
-    way the batch is rolled back and the store keeps its tiles and keeps writing."""
-    from rscaption import gpkg_sql
-
+def store_and_records(path):
     with RasterTiler(geotiff_path("RGB.byte.tif"), TilingParams(tile_size=128)) as tiler:
         tiles = tiler.plan()
-        store = TileStore.create(tmp_gpkg, tiler.crs_wkt, tiler.epsg, DIM)
-    records = records_for(tiles)
+        store = TileStore.create(path, tiler.crs_wkt, tiler.epsg, DIM)
+    return store, records_for(tiles)
+
+
+def test_a_ctrl_c_inside_the_rtree_trigger_cancels_after_the_commit(tmp_gpkg, monkeypatch):
+    """SQLite replaces what a Python SQL function raises by "user-defined function raised
+    exception", and Python raises a Ctrl-C at the next bytecode, often inside the R-tree trigger's
+    envelope function. Such a Ctrl-C is still a cancel (the CLI's exit 130), and it comes after
+    the batch is committed: no finished tile is lost. A real SIGINT, sent from inside the trigger."""
+    store, records = store_and_records(tmp_gpkg)
+    envelope = gpkg_sql.envelope
+
+    def interrupted(blob):
+        os.kill(os.getpid(), signal.SIGINT)
+        return envelope(blob)
+
+    with store:
+        store.add(records[:5])
+        monkeypatch.setattr(gpkg_sql, "envelope", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.add(records[5:10])
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert store.count() == 10
+        assert store.add(records[5:12]) == 2 and store.count() == 12
+
+
+def test_a_failure_inside_the_rtree_trigger_is_one_line_and_rolled_back(tmp_gpkg, monkeypatch):
+    store, records = store_and_records(tmp_gpkg)
     with store:
         store.add(records[:5])
 
         def fails(blob):
-            raise raised("in the trigger")
+            raise ValueError("in the trigger")
 
         monkeypatch.setattr(gpkg_sql, "envelope", fails)
-        with pytest.raises(expected) as info:
+        with pytest.raises(StoreError, match="^cannot write to .*: user-defined function raised exception"):
             store.add(records[5:10])
-        if expected is StoreError:
-            assert str(info.value).startswith(f"cannot write to {tmp_gpkg}: user-defined function raised exception")
         monkeypatch.undo()
         assert store.count() == 5
         assert store.add(records[5:10]) == 5 and store.count() == 10
-        gpkg_sql.reraise_interrupt()  # nothing left pending for the next write

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import store_check
 from .errors import StoreError
-from .gpkg_sql import envelope, register_functions, reraise_interrupt
+from .gpkg_sql import envelope, interrupts_deferred, register_functions
 
 GPKG_APPLICATION_ID = 0x47504B47  # "GPKG"
 GPKG_USER_VERSION = 10200
@@ -218,36 +218,36 @@ class TileStore:
         if epsg is not None and not crs_wkt:
             from rasterio.crs import CRS  # only for the definition text of a bare EPSG code
             crs_wkt = CRS.from_epsg(epsg).to_wkt()
-        conn = None
-        try:
-            conn = cls._connect(path)
-            conn.execute("BEGIN")
-            conn.execute(f"PRAGMA application_id = {GPKG_APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {GPKG_USER_VERSION}")
-            for statement in _statements(_CORE_SCHEMA + _DATA_SCHEMA + _RTREE_TRIGGERS):
-                conn.execute(statement)
-            srs_id = cls._insert_srs(conn, crs_wkt, epsg)
-            rows = [
-                (TABLE, "features", TABLE, "rscaption tile captions", srs_id),
-                ("rscaption_embeddings", "attributes", "rscaption_embeddings", "tile image embeddings", None),
-                ("rscaption_metadata", "attributes", "rscaption_metadata", "rscaption run metadata", None),
-            ]
-            conn.executemany("INSERT INTO gpkg_contents (table_name, data_type, identifier, description, srs_id)"
-                             " VALUES (?, ?, ?, ?, ?)", rows)
-            conn.execute("INSERT INTO gpkg_geometry_columns VALUES (?, ?, 'POLYGON', ?, 0, 0)", (TABLE, GEOM, srs_id))
-            conn.execute("INSERT INTO gpkg_extensions VALUES (?, ?, 'gpkg_rtree_index', "
-                         "'http://www.geopackage.org/spec120/#extension_rtree', 'write-only')", (TABLE, GEOM))
-            internal = {"rscaption_format": FORMAT_VERSION, "embed_dim": int(embed_dim), "crs_wkt": crs_wkt,
-                        "epsg": epsg, "store_created": now_iso()}
-            cls._write_metadata(conn, {**(metadata or {}), **internal})
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn is not None:
-                conn.close()
-            if os.path.exists(path):  # nothing was committed: leave no half-made file behind
-                os.remove(path)
-            reraise_interrupt()
-            raise StoreError(f"cannot create GeoPackage {path}: {exc}") from None
+        with interrupts_deferred():  # a Ctrl-C waits for the commit or the clean-up
+            conn = None
+            try:
+                conn = cls._connect(path)
+                conn.execute("BEGIN")
+                conn.execute(f"PRAGMA application_id = {GPKG_APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {GPKG_USER_VERSION}")
+                for statement in _statements(_CORE_SCHEMA + _DATA_SCHEMA + _RTREE_TRIGGERS):
+                    conn.execute(statement)
+                srs_id = cls._insert_srs(conn, crs_wkt, epsg)
+                rows = [
+                    (TABLE, "features", TABLE, "rscaption tile captions", srs_id),
+                    ("rscaption_embeddings", "attributes", "rscaption_embeddings", "tile image embeddings", None),
+                    ("rscaption_metadata", "attributes", "rscaption_metadata", "rscaption run metadata", None),
+                ]
+                conn.executemany("INSERT INTO gpkg_contents (table_name, data_type, identifier, description, srs_id)"
+                                 " VALUES (?, ?, ?, ?, ?)", rows)
+                conn.execute("INSERT INTO gpkg_geometry_columns VALUES (?, ?, 'POLYGON', ?, 0, 0)", (TABLE, GEOM, srs_id))
+                conn.execute("INSERT INTO gpkg_extensions VALUES (?, ?, 'gpkg_rtree_index', "
+                             "'http://www.geopackage.org/spec120/#extension_rtree', 'write-only')", (TABLE, GEOM))
+                internal = {"rscaption_format": FORMAT_VERSION, "embed_dim": int(embed_dim), "crs_wkt": crs_wkt,
+                            "epsg": epsg, "store_created": now_iso()}
+                cls._write_metadata(conn, {**(metadata or {}), **internal})
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                if os.path.exists(path):  # nothing was committed: leave no half-made file behind
+                    os.remove(path)
+                raise StoreError(f"cannot create GeoPackage {path}: {exc}") from None
         return cls(conn, path)
 
     @staticmethod
@@ -313,7 +313,7 @@ class TileStore:
         if not rows:
             return 0
         added = 0
-        with self._lock:
+        with self._lock, interrupts_deferred():  # a Ctrl-C cancels after the commit, not inside the triggers
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 for row, blob in zip(rows, blobs):
@@ -333,12 +333,11 @@ class TileStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
-                reraise_interrupt()  # a Ctrl-C inside the R-tree triggers is a cancel, not a write error
                 raise StoreError(f"cannot write to {self.path}: {exc}{_write_hint(exc)}") from None
         return added
 
     def set_metadata(self, values: dict):
-        with self._lock:
+        with self._lock, interrupts_deferred():
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._write_metadata(self._conn, values)
@@ -346,7 +345,6 @@ class TileStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
-                reraise_interrupt()
                 raise StoreError(f"cannot write metadata to {self.path}: {exc}{_write_hint(exc)}") from None
 
     @staticmethod
@@ -362,7 +360,6 @@ class TileStore:
             try:
                 yield
             except sqlite3.DatabaseError as exc:
-                reraise_interrupt()
                 raise StoreError(f"cannot read {self.path}: the file is damaged ({exc})") from None
 
     def _one(self, sql, *args):

@@ -2,13 +2,13 @@
 own, a plain sqlite3 connection has none), computed from the geometry blob's envelope.
 
 They run Python inside SQLite, which turns any exception raised there into "user-defined function
-raised exception" and drops it. A Ctrl-C that lands while a trigger runs one would therefore read
-as a failed write instead of a cancel; the functions keep it (per thread) so that the store,
-after rolling back, re-raises it with ``reraise_interrupt``.
+raised exception" and drops it; ``interrupts_deferred`` keeps a Ctrl-C out of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sqlite3
 import struct
 import threading
@@ -45,28 +45,29 @@ def _wkb_polygon_envelope(wkb: bytes):
     return min(xs), max(xs), min(ys), max(ys)
 
 
-class _Pending(threading.local):
-    interrupt: BaseException | None = None
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a Ctrl-C that arrives inside the block until the block is over, then raise it.
 
-
-_PENDING = _Pending()
-
-
-def _keeping_interrupts(fn):
-    def call(blob):
-        try:
-            return fn(blob)
-        except KeyboardInterrupt as exc:
-            _PENDING.interrupt = exc
-            raise
-    return call
-
-
-def reraise_interrupt() -> None:
-    """Raise the Ctrl-C one of these functions swallowed in this thread, if any (and forget it)."""
-    exc, _PENDING.interrupt = _PENDING.interrupt, None
-    if exc is not None:
-        raise exc
+    Python runs its SIGINT handler at the next bytecode, which inside a transaction is often one of
+    these functions called by an R-tree trigger: SQLite turns the KeyboardInterrupt into "user-defined
+    function raised exception", and a cancel would read as a failed write. Held here, the batch
+    commits (or fails for its own reason) and the cancel comes after it, so no finished tile is lost.
+    Only the main thread with Python's own handler is concerned: no other thread gets signals, and a
+    host that installed its own handler (QGIS) keeps it.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def _coordinate(index):
@@ -75,6 +76,6 @@ def _coordinate(index):
 
 def register_functions(conn: sqlite3.Connection) -> None:
     for name, index in (("ST_MinX", 0), ("ST_MaxX", 1), ("ST_MinY", 2), ("ST_MaxY", 3)):
-        conn.create_function(name, 1, _keeping_interrupts(_coordinate(index)), deterministic=True)
-    conn.create_function("ST_IsEmpty", 1, _keeping_interrupts(lambda blob: int(envelope(blob) is None)),
+        conn.create_function(name, 1, _coordinate(index), deterministic=True)
+    conn.create_function("ST_IsEmpty", 1, lambda blob: int(envelope(blob) is None),
                          deterministic=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import StoreError
 from .gpkg import GEOM, RTREE, TABLE
-from .gpkg_sql import register_functions, reraise_interrupt
+from .gpkg_sql import interrupts_deferred, register_functions
 from .search_matrix import SearchMatrix, connect_ro
 
 MASKS_KEPT = 8
@@ -99,12 +99,12 @@ def filtered_ids(path: str, where: str | None, bbox, min_confidence: float | Non
                               f'ST_MinY("{GEOM}") <= ? AND ST_MaxY("{GEOM}") >= ?')
         conn.set_authorizer(_authorize)
         try:
-            cur = conn.execute(sql, params)
-            return np.fromiter((r[0] for r in cur if r[0] is not None), dtype=np.int64)
+            with interrupts_deferred():  # a Ctrl-C after the query, not inside the envelope functions
+                cur = conn.execute(sql, params)
+                return np.fromiter((r[0] for r in cur if r[0] is not None), dtype=np.int64)
         except sqlite3.Warning:  # more than one statement
             raise StoreError(f"bad --where expression {where!r}: only one expression is allowed") from None
         except sqlite3.DatabaseError as exc:
-            reraise_interrupt()  # a Ctrl-C inside the envelope functions, not a bad expression
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "not authorized" in msg:
                 msg = "it may only read the tiles layer's columns"
