@@ -61,6 +61,34 @@ def test_fused_copy_computes_what_the_trained_tower_computes(tower, pixels):
 
 
 @pytest.mark.skipif(not fold.can_fuse("cpu"), reason="this torch has no oneDNN fused convolution")
+def test_high_resolution_stages_run_in_sub_batches_with_the_same_result(tower, pixels, monkeypatch):
+    """The stem and the blocks at >= 1/4 of the image side run in sub-batches once a batch's widest
+    activation there would pass CHUNK_BYTES (glibc maps, and the kernel zero-fills, allocations
+    over 32 MB afresh on every call); the numbers do not change."""
+    fused, _ = fold.folded_copy(tower, probe=pixels[:2])
+    assert isinstance(fused, fold._HighResChunks) and 1 <= fused.split < len(fused.tower.blocks)
+    stem = fused.tower.conv_stem
+    with torch.inference_mode():
+        assert fused.elems_per_image >= stem(pixels[:1]).numel()
+    batches = []
+    hook = stem.register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+    with torch.inference_mode():
+        ref = tower(pixels)
+        torch.testing.assert_close(fused(pixels), ref, atol=1e-4, rtol=1e-4)
+        assert batches == [3]  # a few small tiles: one pass
+        batches.clear()
+        monkeypatch.setattr(fold, "CHUNK_BYTES", 2 * fused.elems_per_image * pixels.element_size())
+        torch.testing.assert_close(fused(pixels), ref, atol=1e-4, rtol=1e-4)
+        assert batches == [2, 1]
+        batches.clear()
+        hook.remove()
+        low = copy.deepcopy(fused).to(torch.bfloat16)  # half the bytes: the three fit in one pass
+        low.tower.conv_stem.register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+        low(pixels.to(torch.bfloat16))
+        assert batches == [3]
+
+
+@pytest.mark.skipif(not fold.can_fuse("cpu"), reason="this torch has no oneDNN fused convolution")
 def test_fused_copy_casts_to_bf16(tower, pixels):
     fused, _ = fold.folded_copy(tower, probe=pixels[:2])
     low = copy.deepcopy(fused).to(torch.bfloat16)
