@@ -145,6 +145,9 @@ def main() -> int:
     from .bench_search import bench_search_scale, print_search
 
     report["search"] = bench_search_scale(cap)  # docs/performance.md, "Search at scale"
+    from .bench_gpu import run as bench_gpu
+
+    report["gpu"] = bench_gpu()  # docs/performance.md, "GPU": skipped without a CUDA device
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -160,6 +163,8 @@ def main() -> int:
         print(f"pipeline  {p['tiles']} tiles of {p['raster']} in {p['seconds']} s: {p['tiles_per_s']} tiles/s")
     print_roofline(report["roofline"])
     print_search(report["search"])
+    g = report["gpu"]
+    print(f"gpu       {g['skipped']}" if "skipped" in g else f"gpu       {g['device']}: see out/bench.json \"gpu\"")
     print(f"written {out}")
     return 0
 
