@@ -98,14 +98,14 @@ def model_only(cap, tiles: np.ndarray, batch: int, beam: int) -> dict:
 
 def default_model_section(device, raster: str | None, dtypes=DTYPES, batches=(8, 64, 256), n_tiles: int = 512,
                           tile: int = 256, model: str = "default") -> dict:
+    import torch
+
     from .models.registry import load_model
 
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, size=(n_tiles, tile, tile, 3), dtype=np.uint8)
     out: dict = {"model": model, "tile": tile, "by_dtype": {}}
     for name in dtypes:
-        import torch
-
         cap = load_model(model, device=device, dtype=getattr(torch, name))
         beam = int(cap.card.get("beam_size", 3))
         model_only(cap, tiles[:batches[0]], batches[0], beam)  # warm-up: kernels, the tower copy
