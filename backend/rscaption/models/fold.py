@@ -196,21 +196,23 @@ class _HighResChunks(nn.Module):
         """``tower`` wrapped, or as it is when it is not a timm EfficientNet (stem, blocks, head)."""
         if not all(hasattr(tower, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
             return tower
-        side, widest, split = probe.shape[-1], [0], 0
-        hooks = [m.register_forward_hook(lambda m, i, o: widest.__setitem__(0, max(widest[0], o.numel())))
-                 for m in [tower.conv_stem, tower.bn1]]
+        side, sizes, split = probe.shape[-1], [], 0
+
+        def record(module, inputs, output):
+            sizes.append(output.numel())
+
+        hooks = [m.register_forward_hook(record) for m in (tower.conv_stem, tower.bn1)]
         with torch.no_grad():
             h = tower.bn1(tower.conv_stem(probe))
             for block in tower.blocks:
                 if h.shape[-1] * 4 < side:
                     break
-                hooks += [m.register_forward_hook(lambda m, i, o: widest.__setitem__(0, max(widest[0], o.numel())))
-                          for m in block.modules() if m is not block]
+                hooks += [m.register_forward_hook(record) for m in block.modules() if m is not block]
                 h = block(h)
                 split += 1
         for hook in hooks:
             hook.remove()
-        return cls(tower, split, widest[0]) if split else tower
+        return cls(tower, split, max(sizes)) if split else tower
 
     def forward(self, x):
         t = self.tower
