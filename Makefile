@@ -4,7 +4,8 @@ PY_SYS := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rscaption-setup
-APT_PKGS := python3-qgis python3-venv xvfb qgis
+# xauth: xvfb-run needs it and xvfb only recommends it; a JRE: the METEOR score runs in Java
+APT_PKGS := python3-qgis python3-venv xvfb xauth qgis default-jre-headless
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export QT_QPA_PLATFORM := offscreen
@@ -14,7 +15,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:$$missing"; \
@@ -23,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 	fi
 	@[ -x $(PY) ] || $(PY_SYS) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@$(PY) -c "import qgis.core, rasterio, torch, open_clip, transformers; print('setup ok: torch', torch.__version__)"
 	@touch $(STAMP)

@@ -3,7 +3,8 @@
 QGIS's Python usually has no torch, and installing torch into it is neither possible nor wise,
 so the plugin makes its own venv in the user's cache (outside the plugin folder, so updating the
 plugin keeps it). ``--system-site-packages`` lets it reuse what the system already has (numpy,
-GDAL bindings), and the pinned ``requirements.txt`` shipped in the zip decides the rest. The
+GDAL bindings), and the pinned ``requirements.txt`` shipped in the zip decides the rest: the runtime
+only (no Ray, training or test tools, which live in the source tree's ``requirements-dev.txt``). The
 backend source itself is copied in, so the env works even if the plugin folder moves.
 
 The steps are plain argv lists so the dialog can run them with QProcess (GUI stays live) and
@@ -33,37 +34,6 @@ from qgis.PyQt.QtWidgets import (
 
 from .paths import backend_dir, backend_venv_dir, requirements_file, venv_python
 
-# Test-only and training-only pins are not needed to run the plugin's backend.
-SKIP_REQUIREMENTS = ("pytest", "pytest-qgis", "pycocoevalcap")
-
-
-def base_python() -> str:
-    """The interpreter QGIS itself embeds, to create the venv from. Inside QGIS ``sys.executable``
-    is QGIS or whatever ``python3`` is first on PATH (seen: a pyenv shim), so derive it from
-    ``sys.base_exec_prefix`` and the running version instead."""
-    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    prefix = Path(sys.base_exec_prefix)
-    if sys.platform == "win32":
-        candidates = [prefix / "python.exe", prefix / "python3.exe"]
-    else:
-        candidates = [prefix / "bin" / f"python{ver}", prefix / "bin" / "python3", Path(f"/usr/bin/python{ver}")]
-    for cand in candidates:
-        if cand.exists():
-            return str(cand)
-    return "python3"
-
-
-def runtime_requirements(src: Path, dest: Path) -> Path:
-    lines = []
-    for line in src.read_text(encoding="utf-8").splitlines():
-        name = line.split("#")[0].strip().split("==")[0].split(">")[0].split("<")[0].strip().lower()
-        if name and name in SKIP_REQUIREMENTS:
-            continue
-        lines.append(line)
-    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return dest
-
-
 def setup_steps(target: Path | None = None, python: str | None = None, requirements: Path | None = None,
                 extra_pip_args: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """(label, argv) for each step; argv[0] of later steps is the new env's python."""
@@ -71,8 +41,6 @@ def setup_steps(target: Path | None = None, python: str | None = None, requireme
     python = python or base_python()
     requirements = Path(requirements or requirements_file() or "requirements.txt")
     py = str(venv_python(target))
-    reqs = runtime_requirements(requirements, target.parent / f"{target.name}-requirements.txt") \
-        if requirements.exists() else requirements
     src = str(backend_dir() / "rscaption")
     copy_code = (
         "import shutil, sys, sysconfig, pathlib; "
@@ -91,7 +59,7 @@ def setup_steps(target: Path | None = None, python: str | None = None, requireme
         ("Create the virtual environment", [python, "-m", "venv", "--system-site-packages", str(target)]),
         ("Upgrade pip", [py, "-m", "pip", "install", "--upgrade", "pip"]),
         ("Install pinned requirements (torch is large: minutes)",
-         [py, "-m", "pip", "install", "-r", str(reqs), *(extra_pip_args or [])]),
+         [py, "-m", "pip", "install", "-r", str(requirements), *(extra_pip_args or [])]),
         ("Install the rscaption backend", [py, "-c", copy_code, src]),
         ("Check the backend", [py, "-c", check_code]),
     ]

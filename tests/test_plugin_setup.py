@@ -37,6 +37,12 @@ def test_zip_contents(plugin_zip):
     for key in ("name=", "qgisMinimumVersion=3.22", "description=", "about=", "version=", "author=", "email=",
                 "repository=", "tracker=", "tags=", "icon=", "hasProcessingProvider=yes"):
         assert key in meta, key
+    # what "Set up backend" installs: the runtime only, with versions chosen per Python by markers
+    reqs = zipfile.ZipFile(plugin_zip).read("rscaption_plugin/requirements.txt").decode()
+    pins = {line.split(";")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
+             for line in reqs.splitlines() if line.strip() and not line.startswith("#")}
+    assert {"torch", "rasterio", "numpy"} <= pins
+    assert not pins & {"ray", "hypothesis", "pytest", "pytest-qgis", "pycocoevalcap", "-r requirements.txt"}
     icon = meta.split("icon=")[1].splitlines()[0].strip()
     assert f"rscaption_plugin/{icon}" in names
 
@@ -103,3 +109,8 @@ def test_setup_backend_from_the_packaged_zip(plugin_zip, tmp_path):
     where = subprocess.run([python, "-c", "import rscaption; print(rscaption.__file__)"], capture_output=True,
                            text=True, env=clean, check=True).stdout.strip()
     assert where.startswith(str(env_dir))  # the copy installed from the zip, not the source tree
+    # the runtime only: Ray, hypothesis and pytest are the developers' (requirements-dev.txt)
+    probe = ("import importlib.util, sys; "
+             "print([m for m in ('ray', 'hypothesis', 'pytest', 'pycocoevalcap') if importlib.util.find_spec(m)])")
+    extra = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=clean, check=True).stdout.strip()
+    assert extra == "[]", extra
