@@ -8,13 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from qgis.core import (
-    QgsMapLayerProxyModel,
-    QgsRasterLayer,
-    QgsRectangle,
-    QgsVectorLayer,
-    QgsWkbTypes,
-)
+from qgis.core import QgsRasterLayer, QgsRectangle, QgsVectorLayer
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
@@ -39,6 +33,7 @@ from .dialog_state import HELP_TEXT, NO_TORCH_TIP, availability, remember, remem
 from .footprint import tile_choice
 from .model_card import card_summary, card_tile_size, model_languages, read_card
 from .paths import torch_importable
+from .qgis_compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
 from .raster_source import RasterSourceError, can_export, check_raster, export_to_geotiff, extent_in_layer_crs
 from .runner import CaptionJob
 from .settings import BACKEND_MODES, DEVICES, PluginSettings
@@ -94,7 +89,7 @@ class CaptionDialog(QDialog):
         root.addLayout(form)
 
         self.layer_combo = QgsMapLayerComboBox()
-        self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.layer_combo.setFilters(LAYER_FILTER_RASTER)
         self.layer_combo.layerChanged.connect(self._layer_changed)
         form.addRow("Raster layer", self.layer_combo)
         self.source_note = QLabel("")
@@ -109,7 +104,7 @@ class CaptionDialog(QDialog):
         self.extent_combo.addItem("Map canvas extent", EXTENT_CANVAS)
         self.extent_combo.addItem("Selected features of a polygon layer (union bbox)", EXTENT_SELECTION)
         self.mask_combo = QgsMapLayerComboBox()
-        self.mask_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
+        self.mask_combo.setFilters(LAYER_FILTER_POLYGON)
         self.mask_combo.setEnabled(False)
         self.extent_combo.currentIndexChanged.connect(
             lambda _i: self.mask_combo.setEnabled(self.extent_combo.currentData() == EXTENT_SELECTION))
@@ -315,7 +310,7 @@ class CaptionDialog(QDialog):
             rect = extent_in_layer_crs(canvas.extent(), canvas.mapSettings().destinationCrs(), layer)
         else:
             vlayer = self.mask_combo.currentLayer()
-            if vlayer is None or vlayer.geometryType() != QgsWkbTypes.GeometryType.PolygonGeometry:
+            if vlayer is None or vlayer.geometryType() != GEOMETRY_POLYGON:
                 raise ValueError("choose a polygon layer with selected features")
             rect = selection_bbox(vlayer)
             if rect is None:

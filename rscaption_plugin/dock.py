@@ -8,7 +8,7 @@ reopened export.
 
 from __future__ import annotations
 
-from qgis.core import QgsApplication, QgsMapLayerProxyModel, QgsProject
+from qgis.core import QgsApplication, QgsProject
 from qgis.gui import QgsDockWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
@@ -28,6 +28,7 @@ from qgis.PyQt.QtWidgets import (
 
 from .layers import (apply_default_style, apply_score_style, gpkg_path_of, is_tile_layer, select_tiles,
                      translucent_selection, zoom_to_tile)
+from .qgis_compat import LAYER_FILTER_POLYGON
 from .settings import PluginSettings
 from .similar import SimilarTask
 from .tasks import SearchTask
@@ -54,7 +55,7 @@ class SearchDock(QgsDockWidget):
         body = QWidget()
         lay = QVBoxLayout(body)
         self.layer_combo = QgsMapLayerComboBox()
-        self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
+        self.layer_combo.setFilters(LAYER_FILTER_POLYGON)
         lay.addWidget(QLabel("Captioned tile layer"))
         lay.addWidget(self.layer_combo)
         row = QHBoxLayout()

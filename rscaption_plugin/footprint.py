@@ -14,20 +14,11 @@ import math
 from qgis.core import QgsUnitTypes
 
 from .paths import ensure_backend_on_path
+from .qgis_compat import DISTANCE_DEGREES, DISTANCE_METERS, DISTANCE_UNKNOWN
 
 ensure_backend_on_path()
 from rscaption.ground import pixel_metres  # noqa: E402  (pure maths, no rasterio/torch)
 from rscaption.tile_size import TileChoice, choose_tile_size  # noqa: E402
-
-
-def _unit(name: str):
-    """QGIS >= 3.30 moved distance units to Qgis.DistanceUnit; 3.22 has QgsUnitTypes.Distance*."""
-    old = getattr(QgsUnitTypes, f"Distance{name}", None)
-    if old is not None:
-        return old
-    from qgis.core import Qgis
-
-    return getattr(Qgis.DistanceUnit, name)
 
 
 def layer_ground_resolution(layer) -> float | None:
@@ -38,15 +29,15 @@ def layer_ground_resolution(layer) -> float | None:
     px, py = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
     if not (px > 0 and py > 0):
         return None
-    if crs.mapUnits() == _unit("UnknownUnit"):
+    if crs.mapUnits() == DISTANCE_UNKNOWN:
         return None
     try:
         if crs.isGeographic():
-            to_deg = QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), _unit("Degrees"))
+            to_deg = QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), DISTANCE_DEGREES)
             lat = layer.extent().center().y() * to_deg
             res = pixel_metres((px, 0.0), (0.0, py), angular_factor=math.radians(to_deg), lat_deg=lat)
         else:
-            to_m = QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), _unit("Meters"))
+            to_m = QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), DISTANCE_METERS)
             res = pixel_metres((px, 0.0), (0.0, py), linear_factor=to_m)
     except (TypeError, ValueError):
         return None

@@ -9,13 +9,13 @@ rscaption tile layers, as they appear in the project, and both just drive the se
 
 from __future__ import annotations
 
-from qgis.core import QgsMapLayerType, QgsProject
+from qgis.core import QgsProject
 from qgis.gui import QgsGui, QgsMapLayerAction
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction
 
 from .layers import is_tile_layer
 from .paths import icon_path
+from .qgis_compat import ACTION_SINGLE_FEATURE, LAYER_TYPE_VECTOR, QAction, connect_feature_action
 
 TEXT = "Find similar tiles"
 
@@ -28,7 +28,7 @@ class SimilarTileActions:
         self.tree_action.setObjectName("rscaption_similar_layer")
         self.tree_action.triggered.connect(lambda *_: self.similar_for_layer(self.iface.activeLayer()))
         # "" puts it straight into the menu, not into a submenu; False: only for layers added below
-        iface.addCustomActionForLayerType(self.tree_action, "", QgsMapLayerType.VectorLayer, False)
+        iface.addCustomActionForLayerType(self.tree_action, "", LAYER_TYPE_VECTOR, False)
         self.feature_actions: dict[str, QgsMapLayerAction] = {}
         project = QgsProject.instance()
         project.layersAdded.connect(self._layers_added)
@@ -41,8 +41,8 @@ class SimilarTileActions:
                 continue
             self.iface.addCustomActionForLayer(self.tree_action, layer)
             action = QgsMapLayerAction(TEXT, self.iface.mainWindow(), layer,
-                                       QgsMapLayerAction.Target.SingleFeature, QIcon(icon_path("search.svg")))
-            action.triggeredForFeature.connect(lambda lyr, feature: self.similar_for_feature(lyr, feature))
+                                       ACTION_SINGLE_FEATURE, QIcon(icon_path("search.svg")))
+            connect_feature_action(action, self.similar_for_feature)
             QgsGui.mapLayerActionRegistry().addMapLayerAction(action)
             self.feature_actions[layer.id()] = action
 

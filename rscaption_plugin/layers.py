@@ -11,6 +11,7 @@ import os
 import sqlite3
 
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsFeatureRequest,
@@ -29,6 +30,8 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtXml import QDomDocument
+
+from .qgis_compat import DISTANCE_DEGREES, DISTANCE_METERS, DISTANCE_UNKNOWN, LABEL_OVER_POINT
 
 TILE_LAYER = "tiles"
 META_TABLE = "rscaption_metadata"
@@ -177,11 +180,11 @@ def label_scale(layer: QgsVectorLayer, fallback: float = 5000.0) -> float:
     if feat is None or not feat.hasGeometry():
         return fallback
     width = feat.geometry().boundingBox().width()
-    units = layer.crs().mapUnits() if layer.crs().isValid() else QgsUnitTypes.DistanceUnit.DistanceUnknownUnit
-    if units == QgsUnitTypes.DistanceUnit.DistanceDegrees:
+    units = layer.crs().mapUnits() if layer.crs().isValid() else DISTANCE_UNKNOWN
+    if units == DISTANCE_DEGREES:
         width *= 111_320.0  # at the equator; a label threshold needs no more precision
-    elif units != QgsUnitTypes.DistanceUnit.DistanceUnknownUnit:
-        width *= QgsUnitTypes.fromUnitToUnitFactor(units, QgsUnitTypes.DistanceUnit.DistanceMeters)
+    elif units != DISTANCE_UNKNOWN:
+        width *= QgsUnitTypes.fromUnitToUnitFactor(units, DISTANCE_METERS)
     return float(min(1_000_000.0, max(250.0, width / LABEL_TILE_WIDTH_M)))
 
 
@@ -190,7 +193,7 @@ def caption_label_settings(max_scale_denominator: float) -> QgsPalLayerSettings:
     settings = QgsPalLayerSettings()
     settings.fieldName = "caption"
     settings.isExpression = False
-    settings.placement = QgsPalLayerSettings.OverPoint
+    settings.placement = LABEL_OVER_POINT
     settings.autoWrapLength = 22
     settings.scaleVisibility = True
     settings.minimumScale = max_scale_denominator  # QGIS: "minimum" = most zoomed out
@@ -311,7 +314,7 @@ def tile_filter(tile_ids) -> str:
 
 
 def select_tiles(layer: QgsVectorLayer, tile_ids) -> int:
-    layer.selectByExpression(tile_filter(list(tile_ids)), QgsVectorLayer.SelectBehavior.SetSelection)
+    layer.selectByExpression(tile_filter(list(tile_ids)), Qgis.SelectBehavior.SetSelection)
     return layer.selectedFeatureCount()
 
 

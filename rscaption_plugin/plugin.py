@@ -9,11 +9,12 @@ from __future__ import annotations
 from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction, QFileDialog, QMessageBox
+from qgis.PyQt.QtWidgets import QFileDialog, QMessageBox
 
 from .diagnostics import LAST_BACKEND
 from .layers import is_tile_layer
 from .paths import icon_path
+from .qgis_compat import QAction
 
 MENU = "&rscaption"
 

@@ -15,7 +15,6 @@ from qgis.core import (
     QgsFeatureSink,
     QgsField,
     QgsFields,
-    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
@@ -32,25 +31,14 @@ from qgis.core import (
     QgsProcessingParameterVectorLayer,
     QgsProcessingProvider,
 )
-from qgis.core import Qgis
 from qgis.PyQt.QtGui import QIcon
 
 from .layers import gpkg_path_of, is_rscaption_gpkg, tile_filter
 from .paths import icon_path
+from .qgis_compat import NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, field_type
 from .raster_source import RasterSourceError, check_raster
 from .runner import Callbacks, CaptionJob, LargeRunRefused, RunError, run_caption, run_search
 from .settings import BACKEND_MODES, PluginSettings
-
-
-def _field_types():
-    """QGIS >= 3.38 (and QGIS 4 / Qt6, where QVariant.Type is gone) takes QMetaType types."""
-    if Qgis.QGIS_VERSION_INT >= 33800:
-        from qgis.PyQt.QtCore import QMetaType
-
-        return QMetaType.Type.Int, QMetaType.Type.Double
-    from qgis.PyQt.QtCore import QVariant
-
-    return QVariant.Int, QVariant.Double
 
 
 def _settings() -> PluginSettings:
@@ -111,10 +99,10 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (default: whole raster)", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.TILE_SIZE, "Tile size in pixels (0: auto, from the ground resolution)", QgsProcessingParameterNumber.Type.Integer,
+            self.TILE_SIZE, "Tile size in pixels (0: auto, from the ground resolution)", NUMBER_INTEGER,
             defaultValue=s.tile_size, minValue=0))
         self.addParameter(QgsProcessingParameterNumber(
-            self.OVERLAP, "Overlap in pixels", QgsProcessingParameterNumber.Type.Integer, defaultValue=s.overlap,
+            self.OVERLAP, "Overlap in pixels", NUMBER_INTEGER, defaultValue=s.overlap,
             minValue=0))
         self.addParameter(QgsProcessingParameterString(self.BANDS, "Bands (e.g. 1,2,3; empty: auto)", optional=True))
         self.addParameter(QgsProcessingParameterString(self.MODEL, "Model ('default', checkpoint dir or hub id)",
@@ -126,7 +114,7 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.DEVICE, "Device (auto, cpu, cuda, mps)",
                                                        defaultValue=s.device))
         self.addParameter(QgsProcessingParameterNumber(
-            self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Type.Integer, defaultValue=s.batch_size,
+            self.BATCH_SIZE, "Batch size", NUMBER_INTEGER, defaultValue=s.batch_size,
             minValue=1))
         self.addParameter(QgsProcessingParameterBoolean(self.OVERWRITE, "Overwrite instead of resuming",
                                                         defaultValue=False))
@@ -224,12 +212,12 @@ class SearchAlgorithm(QgsProcessingAlgorithm):
     def initAlgorithm(self, config=None):
         s = _settings()
         self.addParameter(QgsProcessingParameterVectorLayer(
-            self.INPUT, "Captioned tile layer (rscaption GeoPackage)", [QgsProcessing.SourceType.TypeVectorPolygon]))
+            self.INPUT, "Captioned tile layer (rscaption GeoPackage)", [SOURCE_VECTOR_POLYGON]))
         self.addParameter(QgsProcessingParameterString(self.QUERY, "Query"))
         self.addParameter(QgsProcessingParameterNumber(self.K, "Number of results",
-                                                       QgsProcessingParameterNumber.Type.Integer, 10, minValue=1))
+                                                       NUMBER_INTEGER, 10, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Minimum score",
-                                                       QgsProcessingParameterNumber.Type.Double, -1.0,
+                                                       NUMBER_DOUBLE, -1.0,
                                                        minValue=-1.0, maxValue=1.0))
         self.addParameter(QgsProcessingParameterString(self.MODEL, "Model (empty: the one recorded in the file)",
                                                        optional=True))
@@ -239,7 +227,7 @@ class SearchAlgorithm(QgsProcessingAlgorithm):
                                                        optional=True))
         self.addParameter(QgsProcessingParameterString(self.DEVICE, "Device", defaultValue=s.device))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Matches",
-                                                            QgsProcessing.SourceType.TypeVectorPolygon))
+                                                            SOURCE_VECTOR_POLYGON))
         self.addOutput(QgsProcessingOutputString("HITS", "Hits (JSON)"))
 
     def processAlgorithm(self, parameters, context, feedback):
@@ -264,9 +252,8 @@ class SearchAlgorithm(QgsProcessingAlgorithm):
         hits = [h for h in hits if h.get("score") is None or h["score"] >= threshold]
 
         fields = QgsFields(layer.fields())
-        int_type, double_type = _field_types()
-        fields.append(QgsField("rank", int_type))
-        fields.append(QgsField("score", double_type))
+        fields.append(QgsField("rank", field_type("Int")))
+        fields.append(QgsField("score", field_type("Double")))
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, fields, layer.wkbType(), layer.crs())
         by_id = {}
         if hits:

@@ -21,6 +21,8 @@ from qgis.core import (
     QgsRectangle,
 )
 
+from .qgis_compat import RASTER_WRITE_OK
+
 NETWORK_PROVIDERS = {"wms", "wcs", "arcgismapserver", "arcgisfeatureserver", "xyz", "mbtilesvectortiles",
                      "postgresraster"}
 
@@ -84,7 +86,7 @@ def export_to_geotiff(layer: QgsRasterLayer, extent: QgsRectangle | None = None,
     writer = QgsRasterFileWriter(path)
     writer.setOutputFormat("GTiff")
     err = writer.writeRaster(pipe, width, height, extent, layer.crs(), QgsProject.instance().transformContext())
-    if err != QgsRasterFileWriter.WriterError.NoError:
+    if err != RASTER_WRITE_OK:
         raise RasterSourceError(f"writing a temporary GeoTIFF for '{layer.name()}' failed (error {int(err)})")
     return path
 

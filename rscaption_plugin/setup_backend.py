@@ -34,6 +34,22 @@ from qgis.PyQt.QtWidgets import (
 
 from .paths import backend_dir, backend_venv_dir, requirements_file, venv_python
 
+def base_python() -> str:
+    """The interpreter QGIS itself embeds, to create the venv from. Inside QGIS ``sys.executable``
+    is QGIS or whatever ``python3`` is first on PATH (seen: a pyenv shim), so derive it from
+    ``sys.base_exec_prefix`` and the running version instead."""
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    prefix = Path(sys.base_exec_prefix)
+    if sys.platform == "win32":
+        candidates = [prefix / "python.exe", prefix / "python3.exe"]
+    else:
+        candidates = [prefix / "bin" / f"python{ver}", prefix / "bin" / "python3", Path(f"/usr/bin/python{ver}")]
+    for cand in candidates:
+        if cand.exists():
+            return str(cand)
+    return "python3"
+
+
 def setup_steps(target: Path | None = None, python: str | None = None, requirements: Path | None = None,
                 extra_pip_args: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """(label, argv) for each step; argv[0] of later steps is the new env's python."""

@@ -242,6 +242,7 @@ def test_find_similar_from_the_layer_menu_and_the_feature_menu(plugin, captioned
     from qgis.gui import QgsGui
 
     from rscaption.similar import similar
+    from rscaption_plugin.qgis_compat import trigger_feature_action
 
     other = QgsVectorLayer("Polygon?crs=EPSG:4326", "not tiles", "memory")
     QgsProject.instance().addMapLayer(other)
@@ -264,7 +265,7 @@ def test_find_similar_from_the_layer_menu_and_the_feature_menu(plugin, captioned
     assert [h["tile_id"] for h in dock.hits] == [h.tile_id for h in similar(str(captioned), query, k=dock.k_spin.value())]
 
     feature = next(f for f in layer.getFeatures() if f["tile_id"] != query)
-    registry.mapLayerActions(layer)[0].triggerForFeature(layer, feature)
+    trigger_feature_action(registry.mapLayerActions(layer)[0], layer, feature)  # as the attribute table does
     assert wait_until(lambda: not dock.searching, 60) and dock.error is None, dock.error
     assert [h["tile_id"] for h in dock.hits] == [h.tile_id for h in
                                                  similar(str(captioned), feature["tile_id"], k=dock.k_spin.value())]
@@ -377,8 +378,11 @@ def test_set_up_backend_menu_action_start_and_stop_buttons(plugin, tmp_path):  #
 @pytest.fixture
 def processing_dialogs(plugin, qgis_iface):
     """The Processing plugin's own algorithm dialogs; pytest-qgis's iface has no browser model,
-    which their parameter panel needs, so it gets the real one QGIS would give."""
-    from qgis.gui import QgsBrowserGuiModel
+    which their parameter panel needs, nor a Layers panel, which Processing hands to
+    ``QgsProcessingGuiUtils.addResultLayers`` after a run (QGIS >= 3.44 rejects a mock there), so
+    it gets real ones, as QGIS would give: a view on the project's layer tree."""
+    from qgis.core import QgsLayerTreeModel
+    from qgis.gui import QgsBrowserGuiModel, QgsLayerTreeView
 
     sys.path.append("/usr/share/qgis/python/plugins")  # Debian's Processing plugin
     processing = pytest.importorskip("processing")
@@ -387,8 +391,11 @@ def processing_dialogs(plugin, qgis_iface):
     Processing.initialize()
     model = QgsBrowserGuiModel()
     qgis_iface.browserModel = lambda: model
+    tree_view = QgsLayerTreeView()
+    tree_view.setModel(QgsLayerTreeModel(QgsProject.instance().layerTreeRoot(), tree_view))  # the view owns it
+    qgis_iface.layerTreeView = lambda: tree_view
     yield processing
-    del qgis_iface.browserModel
+    del qgis_iface.browserModel, qgis_iface.layerTreeView
 
 
 def _run_dialog(processing, alg_id, params, timeout=180):
