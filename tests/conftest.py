@@ -60,6 +60,31 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "qgis_log_expects(*regexes): warnings the test provokes on purpose")
+    config.addinivalue_line("markers", "needs_bf16: runs bf16 kernels; skipped, with the CPU's reason, where "
+                                       "rscaption.device.bf16_support() says they cannot run")
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.needs_bf16``: asks the bf16 probe only for tests that carry the marker (it
+    imports torch, which the plugin tests keep out of QGIS's process)."""
+    if item.get_closest_marker("needs_bf16"):
+        from rscaption.device import bf16_support
+
+        support = bf16_support()
+        if not support.ok:
+            pytest.skip(f"needs bf16 kernels: {support.reason}")
+
+
+@pytest.fixture
+def no_bf16_cpu(monkeypatch):
+    """This machine as a CPU without bf16 support (an AVX2-only AMD EPYC, say), whatever it has:
+    the probe's low-level query says no; the probe's cached answer is dropped before and after."""
+    from rscaption import device
+
+    device.bf16_support.cache_clear()
+    monkeypatch.setattr(device, "mkldnn_bf16_supported", lambda: False)
+    yield device.bf16_support()
+    device.bf16_support.cache_clear()
 
 
 @pytest.fixture(autouse=True)

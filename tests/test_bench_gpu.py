@@ -40,3 +40,12 @@ def test_the_reference_is_clip_vit_b32_with_gpt2_small():
     assert round(sum(p.numel() for p in clip.parameters()) / 1e6, 1) == 87.8
     assert round(sum(p.numel() for p in lm.parameters()) / 1e6, 1) == 124.4
     assert mapping(torch.zeros(1, clip.output_dim)).shape == (1, 10, 768)
+
+
+def test_a_dtype_the_device_cannot_run_is_skipped_with_the_reason(no_bf16_cpu, tmp_path):
+    why = f"bf16 does not run on this CPU: {no_bf16_cpu.reason}"
+    assert bench_gpu.unsupported("cpu", "bfloat16") == why
+    assert bench_gpu.unsupported("cpu", "float32") == bench_gpu.unsupported("cpu", "float16") == ""
+    r = bench_gpu.default_model_section("cpu", None, dtypes=("bfloat16",), batches=(2,), n_tiles=2, tile=32,
+                                        model="tiny")
+    assert r["by_dtype"] == {"bfloat16": {"skipped": why}}

@@ -80,14 +80,23 @@ def test_high_resolution_stages_run_in_sub_batches_with_the_same_result(tower, p
         monkeypatch.setattr(fold, "CHUNK_BYTES", 2 * fused.elems_per_image * pixels.element_size())
         torch.testing.assert_close(fused(pixels), ref, atol=1e-4, rtol=1e-4)
         assert batches == [2, 1]
-        batches.clear()
         hook.remove()
-        low = copy.deepcopy(fused).to(torch.bfloat16)  # half the bytes: the three fit in one pass
-        low.tower.conv_stem.register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+
+
+@pytest.mark.needs_bf16
+@pytest.mark.skipif(not fold.can_fuse("cpu"), reason="this torch has no oneDNN fused convolution")
+def test_bf16_halves_the_bytes_so_the_same_batch_runs_in_one_pass(tower, pixels, monkeypatch):
+    fused, _ = fold.folded_copy(tower, probe=pixels[:2])
+    monkeypatch.setattr(fold, "CHUNK_BYTES", 2 * fused.elems_per_image * pixels.element_size())
+    low = copy.deepcopy(fused).to(torch.bfloat16)  # half the bytes: the three fit in one pass
+    batches = []
+    low.tower.conv_stem.register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+    with torch.inference_mode():
         low(pixels.to(torch.bfloat16))
-        assert batches == [3]
+    assert batches == [3]
 
 
+@pytest.mark.needs_bf16
 @pytest.mark.skipif(not fold.can_fuse("cpu"), reason="this torch has no oneDNN fused convolution")
 def test_fused_copy_casts_to_bf16(tower, pixels):
     fused, _ = fold.folded_copy(tower, probe=pixels[:2])

@@ -9,12 +9,14 @@ in the same process are not.  Each figure compares our path with a reference:
   (windowed reads must keep this near 1.0);
 - pipeline: end-to-end tiles/s of `caption_raster` on a real raster when one is available.
 
-Writes `out/bench.json` and prints a table.
+Prints the CPU (model, the flags that decide bf16, whether bf16 runs) first, then each section's
+figures as it ends; writes `out/bench.json` after every section. Sections the CPU cannot run (bf16
+where ``device.bf16_support`` says no) are skipped with the reason; one that fails is recorded with
+its error and the rest still run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,15 +26,25 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_sections import Sections, cpu_line, cpu_report, json_saver, say
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _model(name: str | None):
+    """The default model (a tiny one where none is installed), in ``RSCAPTION_PRECISION`` unless
+    that is a bf16 this CPU cannot run: then fp32, said in one line (the bf16 sections skip)."""
+    from .device import bf16_support, parse_precision
     from .errors import ModelError
     from .models.registry import load_model
 
+    precision = parse_precision(None)
+    if precision == "bf16" and not bf16_support().ok:
+        say(f"model     RSCAPTION_PRECISION=bf16 does not run on this CPU ({bf16_support().reason}): the engine "
+            "is measured in fp32")
+        precision = "fp32"
     try:
-        return load_model(name or "default", device="cpu")
+        return load_model(name or "default", device="cpu", precision=precision)
     except ModelError:
         from .models.tiny import build_tiny_captioner
         return build_tiny_captioner()
@@ -131,41 +143,49 @@ def bench_pipeline(cap) -> dict | None:
             "tiles_per_s": round(s.written / s.seconds, 2), "model": s.model_id}
 
 
+def _show_decoding(d: dict) -> None:
+    say(f"decoding  KV-cache batched vs ClipCap loop: {d['speedup']}x faster "
+        f"({d['kv_cache_batched_s']} s vs {d['clipcap_loop_s']} s for {d['captions']} captions; "
+        f"identical tokens {d['identical_token_sequences']})")
+
+
+def _show_tiling(m: dict) -> None:
+    say(f"tiling    peak RSS {m['large']['peak_rss_mb']} MB vs {m['small']['peak_rss_mb']} MB for "
+        f"{m['pixels_ratio']}x the pixels: ratio {m['peak_rss_ratio']}")
+
+
+def _show_pipeline(p: dict) -> None:
+    say(f"pipeline  {p['tiles']} tiles of {p['raster']} in {p['seconds']} s: {p['tiles_per_s']} tiles/s")
+
+
+def _show_gpu(g: dict) -> None:
+    say(f"gpu       {g['skipped']}" if "skipped" in g else f"gpu       {g['device']}: see out/bench.json \"gpu\"")
+
+
 def main() -> int:
+    """Every section prints as it ends and ``out/bench.json`` is rewritten after each, so a long
+    run shows progress and a section that fails (recorded with its error) loses nothing else."""
     import torch
 
-    torch.manual_seed(0)
-    cap = _model(os.environ.get("MODEL"))
-    report = {"model": cap.model_id, "torch_threads": torch.get_num_threads(),
-              "decoding": bench_decoding(cap), "tiling_memory": bench_tiling_memory(),
-              "pipeline": bench_pipeline(cap)}
-    from .bench_roofline import bench_local_engine, print_report as print_roofline
-
-    report["roofline"] = bench_local_engine(cap)  # docs/performance.md
+    from .bench_gpu import run as bench_gpu
+    from .bench_roofline import bench_local_engine
     from .bench_search import bench_search_scale, print_search
 
-    report["search"] = bench_search_scale(cap)  # docs/performance.md, "Search at scale"
-    from .bench_gpu import run as bench_gpu
-
-    report["gpu"] = bench_gpu()  # docs/performance.md, "GPU": skipped without a CUDA device
+    torch.manual_seed(0)
     out = ROOT / "out" / "bench.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    d, m = report["decoding"], report["tiling_memory"]
-    print(f"model: {report['model']}")
-    print(f"decoding  KV-cache batched vs ClipCap loop: {d['speedup']}x faster "
-          f"({d['kv_cache_batched_s']} s vs {d['clipcap_loop_s']} s for {d['captions']} captions; "
-          f"identical tokens {d['identical_token_sequences']})")
-    print(f"tiling    peak RSS {m['large']['peak_rss_mb']} MB vs {m['small']['peak_rss_mb']} MB for "
-          f"{m['pixels_ratio']}x the pixels: ratio {m['peak_rss_ratio']}")
-    if report["pipeline"]:
-        p = report["pipeline"]
-        print(f"pipeline  {p['tiles']} tiles of {p['raster']} in {p['seconds']} s: {p['tiles_per_s']} tiles/s")
-    print_roofline(report["roofline"])
-    print_search(report["search"])
-    g = report["gpu"]
-    print(f"gpu       {g['skipped']}" if "skipped" in g else f"gpu       {g['device']}: see out/bench.json \"gpu\"")
-    print(f"written {out}")
+    report: dict = {"cpu": cpu_report()}
+    say(cpu_line(report["cpu"]))
+    sections = Sections(report, json_saver(out, report))
+    cap = _model(os.environ.get("MODEL"))
+    report.update(model=cap.model_id, precision=cap.precision, torch_threads=torch.get_num_threads())
+    say(f"model     {report['model']}, precision {report['precision']}, {report['torch_threads']} torch threads")
+    sections.run("decoding", lambda: bench_decoding(cap), _show_decoding)
+    sections.run("tiling_memory", bench_tiling_memory, _show_tiling)
+    sections.run("pipeline", lambda: bench_pipeline(cap), _show_pipeline)
+    bench_local_engine(cap, sections=sections.child("roofline"))  # docs/performance.md
+    sections.run("search", lambda: bench_search_scale(cap), print_search)  # docs/performance.md, "Search at scale"
+    sections.run("gpu", bench_gpu, _show_gpu)  # docs/performance.md, "GPU": skipped without a CUDA device
+    say(f"written {out}")
     return 0
 
 

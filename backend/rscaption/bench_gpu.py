@@ -10,7 +10,8 @@
   own loop (the whole sequence again for every token), per image at batch 1 and 64: comparable
   with published per-image timings.
 
-Without a CUDA device the section says so and returns. ``--device cpu --quick`` runs the same code
+Without a CUDA device the section says so and returns; a dtype the device cannot run (bf16 before
+compute capability 8.0) is skipped with the reason. ``--device cpu --quick`` runs the same code
 at toy sizes (the test does), so the script is known to work before a GPU is lent for it:
 ``.venv/bin/python -m rscaption.bench_gpu --json out/bench_gpu.json``.
 """
@@ -79,6 +80,24 @@ def _summary(samples) -> dict | None:
             "median_util_%": round(float(np.median(util)), 1), "max_memory_mb": max(s[1] for s in samples)}
 
 
+def unsupported(device, dtype_name: str) -> str:
+    """Why ``dtype_name`` cannot run on ``device`` ("" when it can): bf16 needs a GPU with bf16
+    (compute capability 8.0+, else torch emulates or refuses it), and on a CPU oneDNN's bf16
+    kernels (``device.bf16_support``)."""
+    import torch
+
+    if dtype_name != "bfloat16":
+        return ""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "" if torch.cuda.is_bf16_supported(including_emulation=False) else "this GPU has no bf16 arithmetic"
+    if dev.type == "cpu":
+        from .bench_sections import no_bf16
+
+        return no_bf16()
+    return ""
+
+
 def model_only(cap, tiles: np.ndarray, batch: int, beam: int) -> dict:
     """Tiles/s of the model on uint8 tiles already in memory: what a reader that keeps up would give."""
     t_embed = t_caption = 0.0
@@ -106,6 +125,10 @@ def default_model_section(device, raster: str | None, dtypes=DTYPES, batches=(8,
     tiles = rng.integers(0, 256, size=(n_tiles, tile, tile, 3), dtype=np.uint8)
     out: dict = {"model": model, "tile": tile, "by_dtype": {}}
     for name in dtypes:
+        skip = unsupported(device, name)
+        if skip:
+            out["by_dtype"][name] = {"skipped": skip}
+            continue
         cap = load_model(model, device=device, dtype=getattr(torch, name))
         beam = int(cap.card.get("beam_size", 3))
         model_only(cap, tiles[:batches[0]], batches[0], beam)  # warm-up: kernels, the tower copy
@@ -224,8 +247,9 @@ def run(device: str | None = None, quick: bool = False, raster: str | None = Non
 
         raster = write_test_raster(tempfile.mkdtemp(prefix="rscaption-gpu-") + "/bench.tif")
     report["default_model"] = default_model_section(device, raster)
-    report["reference_clipcap"] = [reference_timing(device, b, dtype_name=d) for d in ("float16", "bfloat16")
-                                   for b in (1, 64)]
+    report["reference_clipcap"] = [reference_timing(device, b, dtype_name=d) if not unsupported(device, d) else
+                                   {"batch": b, "dtype": d, "skipped": unsupported(device, d)}
+                                   for d in ("float16", "bfloat16") for b in (1, 64)]
     return report
 
 

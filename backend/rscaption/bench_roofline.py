@@ -16,6 +16,9 @@ All figures come from one process so that their ratios mean something on a share
   to back (twice each, alternating, best of two), the engine also in bf16, plus the same captions
   and embeddings checks (engine vs baseline: folding and the lean decoder only; bf16 engine vs
   baseline: rounding).
+
+Each part prints its figures as it ends (``bench_sections``); on a CPU where bf16 does not run
+(``device.bf16_support``: AVX2-only CPUs, for one) the bf16 parts are skipped with that reason.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .bench_sections import Sections, done, no_bf16, say
 
 SHARED_NAIP = Path(__file__).resolve().parents[3] / "shared/data/geotiff/m_4709963_se_14_1_20200831.tif"
 
@@ -133,11 +138,12 @@ def count_flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
-def tower_alone(cap, batch: int = 8, reps: int = 5) -> dict | None:
+def tower_alone(cap, batch: int = 8, reps: int = 5, bf16_skip: str | None = None) -> dict | None:
     """The image tower alone on one thread, batch 8, as each engine worker runs it: the trained
-    modules, the folded copy, the folded and fused copy (CPU), each in fp32 and bf16; the same
-    random pixels, variants alternated twice and the best kept. None for towers that are not
-    CNNs (nothing is folded there)."""
+    modules, the folded copy, the folded and fused copy (CPU), each in fp32 and bf16 (not with
+    ``bf16_skip``, the reason bf16 does not run here; default: ``no_bf16()``); the same random
+    pixels, variants alternated twice and the best kept. None for towers that are not CNNs
+    (nothing is folded there)."""
     import copy
 
     import torch
@@ -147,6 +153,7 @@ def tower_alone(cap, batch: int = 8, reps: int = 5) -> dict | None:
 
     if getattr(cap.encoder, "kind", None) != "lit":
         return None
+    bf16_skip = no_bf16() if bf16_skip is None else bf16_skip
     tower = cap.encoder.image_tower.eval()
     size = int(cap.encoder.preprocess["image_size"])
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).contiguous(
@@ -156,7 +163,7 @@ def tower_alone(cap, batch: int = 8, reps: int = 5) -> dict | None:
         variants = {"plain": (tower, x), "folded": (folded_copy(tower, x[:2], fuse=False)[0], x)}
         if can_fuse(x.device):
             variants["fused"] = (folded_copy(tower, x[:2], fuse=True)[0], x)
-        for name in [n for n in variants if n != "plain"]:
+        for name in [n for n in variants if n != "plain" and not bf16_skip]:
             variants[f"{name}_bf16"] = (copy.deepcopy(variants[name][0]).to(torch.bfloat16), x.to(torch.bfloat16))
         best = dict.fromkeys(variants, float("inf"))
         with torch_threads(1):
@@ -165,7 +172,8 @@ def tower_alone(cap, batch: int = 8, reps: int = 5) -> dict | None:
                     best[name] = min(best[name], _best(lambda: m(inp), reps) / batch)
     return {"batch": batch, "image_size": size, "gflop_per_tile": round(flops / 1e9, 4),
             "ms_per_tile": {k: round(1e3 * v, 2) for k, v in best.items()},
-            "gflops": {k: round(flops / v / 1e9, 1) for k, v in best.items()}}
+            "gflops": {k: round(flops / v / 1e9, 1) for k, v in best.items()},
+            **({"bf16_skipped": bf16_skip} if bf16_skip else {})}
 
 
 @contextlib.contextmanager
@@ -317,124 +325,180 @@ def compare_outputs(a: str, b: str) -> dict:
             "max_confidence_diff": round(float(conf), 6)}
 
 
-def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int = 24, limit_s: float = 30.0) -> dict:
+def _peaks_per_core(report: dict) -> dict:
+    """One core's matmul peak per dtype, for the dtypes whose peak section ran."""
+    return {m["dtype"]: m["peak_gflops_per_core"] for m in (report.get("matmul"), report.get("matmul_bf16"))
+            if done(m)}
+
+
+def _shares(rates: dict, peak: float | None) -> dict | None:
+    return None if not peak else {k: round(v / peak, 3) for k, v in rates.items()}
+
+
+def _split_against_peaks(report: dict, split: dict) -> dict:
+    """The stages' achieved rates against the peak of the dtype they computed in, and fp32's."""
+    from .local_engine import usable_cores
+
+    peaks, cores = _peaks_per_core(report), min(split["threads"], usable_cores())
+    per = {k: v * cores for k, v in peaks.items()}
+    split["share_of_peak"] = _shares(split["gflops_achieved"], per.get(split["compute_dtype"]))
+    split["share_of_fp32_peak"] = _shares(split["gflops_achieved"], per.get("float32"))
+    return split
+
+
+def _tower_against_peaks(report: dict, alone: dict | None) -> dict | None:
+    """One thread: against one core's peak of each variant's dtype, and of fp32."""
+    if alone:
+        peaks = _peaks_per_core(report)
+        dtype_of = {k: "bfloat16" if k.endswith("bf16") else "float32" for k in alone["gflops"]}
+        alone["share_of_peak"] = {k: round(v / peaks[dtype_of[k]], 3) for k, v in alone["gflops"].items()
+                                  if dtype_of[k] in peaks}
+        alone["share_of_fp32_peak"] = _shares(alone["gflops"], peaks.get("float32"))
+    return alone
+
+
+def end_to_end(cap, raster: str, d: str, tile: int, limit_s: float, bf16_skip: str = "") -> dict:
+    """The baseline and the engine back to back, alternating so drift in the machine's load hits
+    both; the engine also in bf16 unless ``bf16_skip`` says why it cannot run here."""
+    import torch
+
+    from .local_engine import plan_workers
+
+    names = ("baseline", "optimised", "optimised_bf16", "one_worker_all_threads", "plain_modules_in_engine",
+             "optimised", "optimised_bf16", "baseline")
+    order = [n for n in names if not (bf16_skip and n == "optimised_bf16")]
+    runs, summaries = {n: [] for n in order}, {}
+    cores = plan_workers(torch.device("cpu"))[0]
+    for name in order:
+        extra = name in ("one_worker_all_threads", "plain_modules_in_engine")
+        with precision_of(cap, "bf16" if name == "optimised_bf16" else cap.precision):
+            rate, s = _run(cap, raster, os.path.join(d, f"{name}.gpkg"), tile, name == "baseline",
+                           workers=1 if name == "one_worker_all_threads" else None,
+                           limit_s=limit_s / 2 if extra else limit_s,
+                           plain=name in ("baseline", "plain_modules_in_engine"))
+        runs[name].append(round(rate, 2))
+        summaries[name] = s
+    e = {"tiles": max(s.total for s in summaries.values()), "time_box_s": limit_s,
+         "tiles_done": {k: s.written for k, s in summaries.items()},
+         "baseline_tiles_per_s": runs["baseline"], "optimised_tiles_per_s": runs["optimised"],
+         f"one_worker_{cores}_threads_tiles_per_s": runs["one_worker_all_threads"],
+         "plain_modules_in_engine_tiles_per_s": runs["plain_modules_in_engine"],
+         "speedup": round(max(runs["optimised"]) / max(runs["baseline"]), 2),
+         "optimised_stages": summaries["optimised"].stages,
+         "same_output": compare_outputs(os.path.join(d, "baseline.gpkg"), os.path.join(d, "optimised.gpkg"))}
+    if bf16_skip:
+        e["bf16_skipped"] = bf16_skip
+    else:
+        e.update(optimised_bf16_tiles_per_s=runs["optimised_bf16"],
+                 speedup_bf16=round(max(runs["optimised_bf16"]) / max(runs["baseline"]), 2),
+                 same_output_bf16=compare_outputs(os.path.join(d, "baseline.gpkg"),
+                                                  os.path.join(d, "optimised_bf16.gpkg")))
+    st, wall = e["optimised_stages"] or {}, summaries["optimised"].seconds
+    e["overlap"] = {
+        "read_s": st.get("read_s"), "write_s": st.get("write_s"),
+        "workers_waiting_for_tiles_s": st.get("worker_wait_s"),
+        "waiting_share_of_worker_time": round(st.get("worker_wait_s", 0.0) / max(1e-9, wall * st.get("workers", 1)), 3)}
+    return e
+
+
+def bench_local_engine(cap, size: int = 4096, tile: int = 256, split_tiles: int = 24, limit_s: float = 30.0,
+                       matmul_sizes=(256, 512, 1024, 2048), sections: Sections | None = None) -> dict:
+    """The roofline report, one section (``bench_sections``) per part: each printed as it ends, the
+    bf16 parts skipped with the CPU's reason where bf16 does not run (``device.bf16_support``), a
+    part that fails recorded with its error while the others are still measured."""
     import torch
 
     from .local_engine import plan_workers
     from .models.inference import compute_dtype
 
+    sec = sections or Sections()
+    r = sec.report
+    skip_bf16 = no_bf16()
     beam = int((cap.card or {}).get("beam_size") or 1)
-    default_threads = torch.get_num_threads()
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as d:
         raster = os.path.join(d, "raster.tif")
         source = write_test_raster(raster, size)
-        report = {"raster": f"{size} x {size} px, {tile} px tiles ({source})", "model": cap.model_id,
-                  "torch_default_threads": default_threads, "beam_size": beam,
+        r.update({"raster": f"{size} x {size} px, {tile} px tiles ({source})", "model": cap.model_id,
+                  "torch_default_threads": threads, "beam_size": beam,
                   "engine_plan": dict(zip(("workers", "threads_per_worker"), plan_workers(cap.device))),
-                  "load_average_before": [round(x, 2) for x in os.getloadavg()]}
-        report["matmul"] = matmul_peak()
-        report["matmul_bf16"] = matmul_peak(dtype=torch.bfloat16)
-        report["engine_compute_dtype"] = str(compute_dtype(cap)).replace("torch.", "")
-        report["split_baseline"] = stage_split(cap, raster, tile, split_tiles, False, default_threads, beam)
-        report["split_optimised"] = stage_split(cap, raster, tile, split_tiles, True, 1, beam)
-        with precision_of(cap, "bf16"):
-            report["split_optimised_bf16"] = stage_split(cap, raster, tile, split_tiles, True, 1, beam)
-        report["decode_thread_placement"] = thread_placement(cap, default_threads, beam)
-        report["tower_alone"] = tower_alone(cap)
-        runs = {"baseline": [], "optimised": [], "optimised_bf16": [], "one_worker_all_threads": [],
-                "plain_modules_in_engine": []}
-        summaries = {}
-        order = ("baseline", "optimised", "optimised_bf16", "one_worker_all_threads", "plain_modules_in_engine",
-                 "optimised", "optimised_bf16", "baseline")
-        cores = plan_workers(torch.device("cpu"))[0]
-        for name in order:  # alternating, so drift in the machine's load hits both
-            extra = name in ("one_worker_all_threads", "plain_modules_in_engine")
-            with precision_of(cap, "bf16" if name == "optimised_bf16" else cap.precision):
-                rate, s = _run(cap, raster, os.path.join(d, f"{name}.gpkg"), tile, name == "baseline",
-                               workers=1 if name == "one_worker_all_threads" else None,
-                               limit_s=limit_s / 2 if extra else limit_s,
-                               plain=name in ("baseline", "plain_modules_in_engine"))
-            runs[name].append(round(rate, 2))
-            summaries[name] = s
-        report["end_to_end"] = {
-            "tiles": max(s.total for s in summaries.values()), "time_box_s": limit_s,
-            "tiles_done": {k: s.written for k, s in summaries.items()},
-            "baseline_tiles_per_s": runs["baseline"], "optimised_tiles_per_s": runs["optimised"],
-            "optimised_bf16_tiles_per_s": runs["optimised_bf16"],
-            "speedup_bf16": round(max(runs["optimised_bf16"]) / max(runs["baseline"]), 2),
-            f"one_worker_{cores}_threads_tiles_per_s": runs["one_worker_all_threads"],
-            "plain_modules_in_engine_tiles_per_s": runs["plain_modules_in_engine"],
-            "speedup": round(max(runs["optimised"]) / max(runs["baseline"]), 2),
-            "optimised_stages": summaries["optimised"].stages,
-            "same_output": compare_outputs(os.path.join(d, "baseline.gpkg"), os.path.join(d, "optimised.gpkg")),
-            "same_output_bf16": compare_outputs(os.path.join(d, "baseline.gpkg"),
-                                                os.path.join(d, "optimised_bf16.gpkg"))}
-        report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    for key in ("split_baseline", "split_optimised", "split_optimised_bf16"):
-        split = report[key]
-        cores_used = min(split["threads"], report["matmul"]["cores"])
-        # against the peak of the dtype the stages computed in, and against the fp32 peak
-        mm = report["matmul_bf16"] if split["compute_dtype"] == "bfloat16" else report["matmul"]
-        split["share_of_peak"] = {k: round(v / (mm["peak_gflops_per_core"] * cores_used), 3)
-                                  for k, v in split["gflops_achieved"].items()}
-        split["share_of_fp32_peak"] = {k: round(v / (report["matmul"]["peak_gflops_per_core"] * cores_used), 3)
-                                       for k, v in split["gflops_achieved"].items()}
-    alone = report["tower_alone"]
-    if alone:  # one thread: against one core's peak of the dtype, and of fp32
-        per_core = {"float32": report["matmul"]["peak_gflops_per_core"],
-                    "bfloat16": report["matmul_bf16"]["peak_gflops_per_core"]}
-        alone["share_of_peak"] = {k: round(v / per_core["bfloat16" if k.endswith("bf16") else "float32"], 3)
-                                  for k, v in alone["gflops"].items()}
-        alone["share_of_fp32_peak"] = {k: round(v / per_core["float32"], 3) for k, v in alone["gflops"].items()}
-    st = report["end_to_end"]["optimised_stages"] or {}
-    wall = summaries["optimised"].seconds
-    report["end_to_end"]["overlap"] = {
-        "read_s": st.get("read_s"), "write_s": st.get("write_s"),
-        "workers_waiting_for_tiles_s": st.get("worker_wait_s"),
-        "waiting_share_of_worker_time": round(st.get("worker_wait_s", 0.0) / max(1e-9, wall * st.get("workers", 1)), 3)}
-    return report
+                  "engine_compute_dtype": str(compute_dtype(cap)).replace("torch.", ""),
+                  "load_average_before": [round(x, 2) for x in os.getloadavg()]})
+        say(f"roofline  {r['raster']}, {r['model']}, beam {beam}; the engine computes in {r['engine_compute_dtype']} "
+            f"(bf16 with --precision bf16)")
+        sec.run("matmul", lambda: matmul_peak(matmul_sizes), _show_matmul, label="  matmul")
+        sec.run("matmul_bf16", lambda: matmul_peak(matmul_sizes, torch.bfloat16), _show_matmul, skip=skip_bf16,
+                label="  bf16 matmul")
+        for key, label, fast, n, precision, skip in (
+                ("split_baseline", "baseline", False, threads, cap.precision, ""),
+                ("split_optimised", "optimised", True, 1, cap.precision, ""),
+                ("split_optimised_bf16", "bf16", True, 1, "bf16", skip_bf16)):
+            def split(fast=fast, n=n, precision=precision):
+                with precision_of(cap, precision):
+                    return _split_against_peaks(r, stage_split(cap, raster, tile, split_tiles, fast, n, beam))
+            sec.run(key, split, lambda s, label=label: _show_split(label, s), skip=skip, label=f"  {label} split")
+        sec.run("decode_thread_placement", lambda: thread_placement(cap, threads, beam), _show_placement,
+                label="  decode_thread_placement")
+        sec.run("tower_alone", lambda: _tower_against_peaks(r, tower_alone(cap, bf16_skip=skip_bf16)), _show_tower,
+                label="  tower_alone")
+        sec.run("end_to_end", lambda: end_to_end(cap, raster, d, tile, limit_s, skip_bf16),
+                lambda e: _show_end_to_end(r, e), label="  end_to_end")
+        r["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        sec.save()
+    return r
 
 
-def print_report(r: dict) -> None:
-    m, e = r["matmul"], r["end_to_end"]
-    print(f"roofline  {r['raster']}, {r['model']}, beam {r['beam_size']}")
-    print(f"  matmul peak {m['peak_gflops']} GFLOP/s on {m['cores']} cores (threaded {m['threaded']}, "
-          f"one per core side by side {m['per_core_side_by_side']})")
-    mb = r["matmul_bf16"]
-    print(f"  bf16 matmul peak {mb['peak_gflops']} GFLOP/s ({mb['peak_gflops'] / max(m['peak_gflops'], 1e-9):.1f}x fp32); "
-          f"the engine computes in {r['engine_compute_dtype']} (bf16 with --precision bf16)")
-    for key, label in (("split_baseline", "baseline"), ("split_optimised", "optimised"),
-                       ("split_optimised_bf16", "bf16")):
-        s = r[key]
-        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["share"].items())
-        rates = ", ".join(f"{k} {v} GFLOP/s ({100 * s['share_of_peak'][k]:.0f}% of the {s['compute_dtype']} peak, "
-                          f"{100 * s['share_of_fp32_peak'][k]:.0f}% of fp32's)"
-                          for k, v in s["gflops_achieved"].items())
-        print(f"  {label:9s} {s['ms_per_tile']} ms/tile in one stage-by-stage pass ({s['threads']} threads, "
-              f"{s['compute_dtype']}): {shares}")
-        print(f"            {rates}; GFLOP/tile {s['gflop_per_tile']}")
-    alone = r.get("tower_alone")
-    if alone:
-        print(f"  image tower alone (1 thread, batch {alone['batch']}, {alone['gflop_per_tile']} GFLOP/tile): " + ", ".join(
-            f"{k} {alone['ms_per_tile'][k]} ms/tile = {v} GFLOP/s ({100 * alone['share_of_peak'][k]:.0f}% of its "
-            f"dtype's peak per core, {100 * alone['share_of_fp32_peak'][k]:.0f}% of fp32's)"
-            for k, v in alone["gflops"].items()))
-    tp = r["decode_thread_placement"]
-    print(f"  decoding with {tp['threads']} threads: {tp['main_thread_ms']} ms/tile from the main thread, "
-          f"{tp['fresh_thread_ms']} ms/tile from a fresh thread")
+# ---------------------------------------------------------------------------------------- printing
+
+def _pct(share: dict | None, k: str, what: str) -> str:
+    return f"{100 * share[k]:.0f}% of {what}" if share and k in share else f"no {what} measured"
+
+
+def _show_matmul(m: dict) -> None:
+    say(f"  {m['dtype']} matmul peak {m['peak_gflops']} GFLOP/s on {m['cores']} cores (threaded {m['threaded']}, "
+        f"one per core side by side {m['per_core_side_by_side']})")
+
+
+def _show_split(label: str, s: dict) -> None:
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["share"].items())
+    rates = ", ".join(f"{k} {v} GFLOP/s ({_pct(s['share_of_peak'], k, 'the ' + s['compute_dtype'] + ' peak')}, "
+                      f"{_pct(s['share_of_fp32_peak'], k, 'the fp32 peak')})"
+                      for k, v in s["gflops_achieved"].items())
+    say(f"  {label:9s} {s['ms_per_tile']} ms/tile in one stage-by-stage pass ({s['threads']} threads, "
+        f"{s['compute_dtype']}): {shares}")
+    say(f"            {rates}; GFLOP/tile {s['gflop_per_tile']}")
+
+
+def _show_placement(tp: dict) -> None:
+    say(f"  decoding with {tp['threads']} threads: {tp['main_thread_ms']} ms/tile from the main thread, "
+        f"{tp['fresh_thread_ms']} ms/tile from a fresh thread")
+
+
+def _show_tower(alone: dict) -> None:
+    say(f"  image tower alone (1 thread, batch {alone['batch']}, {alone['gflop_per_tile']} GFLOP/tile): " + ", ".join(
+        f"{k} {alone['ms_per_tile'][k]} ms/tile = {v} GFLOP/s "
+        f"({_pct(alone['share_of_peak'], k, 'its dtype peak per core')}, "
+        f"{_pct(alone['share_of_fp32_peak'], k, 'the fp32 one')})" for k, v in alone["gflops"].items()))
+    if alone.get("bf16_skipped"):
+        say(f"  image tower alone in bf16: skipped: {alone['bf16_skipped']}")
+
+
+def _show_end_to_end(r: dict, e: dict) -> None:
     o = e["overlap"]
     one = next(v for k, v in e.items() if k.startswith("one_worker_"))
-    print(f"  end to end ({e['tiles']} tiles planned, runs time-boxed at {e['time_box_s']:.0f} s): baseline "
-          f"{e['baseline_tiles_per_s']} tiles/s, local engine {e['optimised_tiles_per_s']} tiles/s "
-          f"({r['engine_plan']['workers']} workers x 1 thread, {r['engine_compute_dtype']}): {e['speedup']}x; "
-          f"the engine in bf16 {e['optimised_bf16_tiles_per_s']} tiles/s: {e['speedup_bf16']}x")
-    print(f"  variants: one worker with all threads {one} tiles/s; the engine's threads with the plain "
-          f"modules (no folding, no caption cache) {e['plain_modules_in_engine_tiles_per_s']} tiles/s")
-    print(f"  load average before/after: {r['load_average_before']} / {r['load_average_after']}")
-    print(f"  overlap: read {o['read_s']} s and write {o['write_s']} s beside the workers; workers waited "
-          f"{o['workers_waiting_for_tiles_s']} s for tiles ({100 * o['waiting_share_of_worker_time']:.1f}% of their time)")
+    bf16 = (f"the engine in bf16 {e['optimised_bf16_tiles_per_s']} tiles/s: {e['speedup_bf16']}x"
+            if "speedup_bf16" in e else f"the engine in bf16: skipped: {e['bf16_skipped']}")
+    say(f"  end to end ({e['tiles']} tiles planned, runs time-boxed at {e['time_box_s']:.0f} s): baseline "
+        f"{e['baseline_tiles_per_s']} tiles/s, local engine {e['optimised_tiles_per_s']} tiles/s "
+        f"({r['engine_plan']['workers']} workers x 1 thread, {r['engine_compute_dtype']}): {e['speedup']}x; {bf16}")
+    say(f"  variants: one worker with all threads {one} tiles/s; the engine's threads with the plain "
+        f"modules (no folding, no caption cache) {e['plain_modules_in_engine_tiles_per_s']} tiles/s")
+    say(f"  overlap: read {o['read_s']} s and write {o['write_s']} s beside the workers; workers waited "
+        f"{o['workers_waiting_for_tiles_s']} s for tiles "
+        f"({100 * o['waiting_share_of_worker_time']:.1f}% of their time)")
     for key, label in (("same_output", f"{r['engine_compute_dtype']} engine vs baseline"),
                        ("same_output_bf16", "bf16 engine vs baseline")):
-        same = e[key]
-        print(f"  same output ({label}): {same['same_captions']}/{same['tiles']} captions identical, embeddings "
-              f"within {same['max_embedding_diff']:.1e}, confidences within {same['max_confidence_diff']:.1e}")
+        if key in e:
+            same = e[key]
+            say(f"  same output ({label}): {same['same_captions']}/{same['tiles']} captions identical, embeddings "
+                f"within {same['max_embedding_diff']:.1e}, confidences within {same['max_confidence_diff']:.1e}")

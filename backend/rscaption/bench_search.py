@@ -204,12 +204,14 @@ _STARTUP_FULL = _PEAK + ("from rscaption.models.registry import load_model\n"
 def bench_search_scale(cap=None) -> dict:
     import torch
 
+    from .device import cpu_model
     from .models.registry import load_model
 
     sizes = tuple(int(s) for s in os.environ.get("BENCH_SEARCH_SIZES", "").split(",") if s.strip()) or SIZES
-    cap = cap if cap is not None and cap.model_id == "default" else load_model("default", device="cpu")
+    if cap is None or cap.model_id != "default":  # fp32: the text tower is all search uses
+        cap = load_model("default", device="cpu", precision="fp32")
     out = {"model": cap.model_id, "embed_dim": cap.embed_dim, "torch_threads": torch.get_num_threads(),
-           "cpu": _cpu_name(), "cores": os.cpu_count(), "load_before": [round(v, 1) for v in os.getloadavg()],
+           "cpu": cpu_model(), "cores": os.cpu_count(), "load_before": [round(v, 1) for v in os.getloadavg()],
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sizes": []}
     out.update(startup())
     for n in sizes:
@@ -220,16 +222,6 @@ def bench_search_scale(cap=None) -> dict:
         out["sizes"].append(row)
     out["load_after"] = [round(v, 1) for v in os.getloadavg()]
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def print_search(report: dict) -> None:

@@ -69,7 +69,9 @@ def _add_caption(sub):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                    help="what a CPU computes in: fp32 (default), bf16 (about 1.3x faster on CPUs with AMX-BF16; "
-                        "some captions change) or auto (bf16 where the CPU has AMX-BF16) (env RSCAPTION_PRECISION)")
+                        "some captions change; a CPU without AVX-512 BW/VL/DQ or AVX-NE-CONVERT cannot run it: "
+                        "exit 2, nothing written) or auto (bf16 where the CPU has AMX-BF16 and runs it, else "
+                        "fp32) (env RSCAPTION_PRECISION)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local (default) or ray: shards of tiles on a Ray cluster, written here (docs/scaling.md)")
     p.add_argument("--address", default=None,

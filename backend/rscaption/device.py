@@ -6,6 +6,9 @@ what will be used) without building a model.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 from .errors import ModelError
 
 
@@ -62,16 +65,125 @@ def pick_device(requested=None):
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
+# What the CPU offers for bf16, in the names of ``torch.cpu.get_capabilities()`` (the bench reports them).
+CPU_FLAGS = ("avx2", "avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "avx512_bf16", "amx_bf16", "amx_tile",
+             "avx_ne_convert", "avx_vnni")
+# oneDNN's bf16 convolutions on x86 need avx_ne_convert, or else all three of these.
+_BF16_CONV_FLAGS = ("avx512_bw", "avx512_vl", "avx512_dq")
+
+
+class Bf16Support(NamedTuple):
+    """Whether this process can compute the model in bf16 on the CPU; ``reason`` (one line) says why not."""
+
+    ok: bool
+    reason: str = ""
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The bf16-relevant CPU flags (``CPU_FLAGS``) as torch's cpuinfo sees them; empty when the query
+    is missing (older torch)."""
+    try:
+        caps = _torch().cpu.get_capabilities()
+    except Exception:
+        return {}
+    return {f: bool(caps.get(f)) for f in CPU_FLAGS}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else what the platform says)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def mkldnn_bf16_supported() -> bool:
+    """The low-level query the bf16 probe starts from: torch's own check, the one that raises
+    ``mkldnn_convolution: bf16 path needs ...`` on CPUs without the instructions (AVX2-only AMD
+    EPYC, for one). Tests replace this function to simulate such a CPU on any machine."""
+    try:
+        return bool(_torch().ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without oneDNN
+        return False
+
+
+def _missing_cpu_support() -> str:
+    """One phrase naming what this CPU lacks for oneDNN's bf16 convolutions."""
+    import os
+    import platform
+
+    flags = cpu_flags()
+    missing = [f.replace("_", "") for f in _BF16_CONV_FLAGS if not flags.get(f)]
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    if x86 and flags and missing and not flags.get("avx_ne_convert"):
+        return f"this CPU has no avx_ne_convert nor {', '.join(missing)}, which oneDNN's bf16 convolutions need"
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return "oneDNN offers no bf16 convolutions on this CPU" + (f" (ONEDNN_MAX_CPU_ISA={capped})" if capped else "")
+
+
+def _bf16_ops_fail() -> str:
+    """Run the bf16 ops the model's fast paths use, tiny: a fused oneDNN convolution as the folded
+    tower calls it (models/fold.py), a channels-last convolution, and a matrix product. Returns the
+    first failure as one line, "" when all run."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    from .models.fold import can_fuse
+
+    x = torch.randn(1, 4, 6, 6, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    b = torch.zeros(4, dtype=torch.bfloat16)
+    ops = {"convolution": lambda: F.conv2d(x, w, b, padding=1),
+           "matrix product": lambda: F.linear(torch.randn(3, 8, dtype=torch.bfloat16),
+                                              torch.randn(5, 8, dtype=torch.bfloat16))}
+    if can_fuse("cpu"):
+        ops["fused oneDNN convolution"] = lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, w, b, [1, 1], [1, 1], [1, 1], 1, "hardtanh", [0.0, 6.0], "")
+    with torch.inference_mode():
+        for name, op in ops.items():
+            try:
+                op()
+            except RuntimeError as exc:
+                return f"a bf16 {name} fails here: {(str(exc).strip().splitlines() or ['?'])[0]}"
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_support() -> Bf16Support:
+    """Can this CPU run the model in bf16, the way the model runs it? Asked once per process (the
+    answer cannot change); ``bf16_support.cache_clear()`` asks again.
+
+    Torch runs bf16 matrix products on any CPU, but the folded tower's fused convolutions go to
+    oneDNN, which refuses bf16 without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: an AVX2-only CPU
+    failed in the middle of a run, after the output was created. So: torch's check first, then the
+    real ops, tiny."""
+    if not mkldnn_bf16_supported():
+        return Bf16Support(False, _missing_cpu_support())
+    failure = _bf16_ops_fail()
+    return Bf16Support(not failure, failure)
+
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX-BF16 (Intel Sapphire Rapids and later), where torch's bf16 matmuls and
-    convolutions run on the matrix unit: about 6x the fp32 GEMM rate on one core of the project's
-    machine. Elsewhere bf16 on a CPU is emulated or dot-product-only and rarely pays."""
-    torch = _torch()
-    try:
-        return bool(torch.cpu.get_capabilities().get("amx_bf16"))
-    except Exception:  # older torch without the query: stay in fp32
-        return False
+    """True on CPUs with AMX-BF16 (Intel Sapphire Rapids and later) where the bf16 probe passes:
+    there torch's bf16 matmuls and convolutions run on the matrix unit, about 6x the fp32 GEMM rate
+    on one core of the project's machine. Elsewhere bf16 on a CPU is emulated or dot-product-only
+    and rarely pays, or does not run at all (``bf16_support``)."""
+    return bool(cpu_flags().get("amx_bf16")) and bf16_support().ok
+
+
+def require_bf16() -> None:
+    """An explicit bf16 on a CPU that cannot run it: one line the user can act on, raised before
+    anything is written (load_model, the pipeline's setup), not a oneDNN error mid-run."""
+    support = bf16_support()
+    if not support.ok:
+        raise ModelError(f"precision bf16 cannot run on this CPU: {support.reason}; "
+                         "use fp32, or auto (bf16 only where it runs and is fast)")
 
 
 def parse_precision(value) -> str:
@@ -93,13 +205,17 @@ def parse_precision(value) -> str:
 
 def compute_dtype(precision, device, param_dtype):
     """The dtype inference computes in. Half-precision weights (CUDA) compute in their own dtype.
-    fp32 weights on a CPU compute in bf16 when asked to (``bf16``, or ``auto`` on a CPU with
-    AMX-BF16); the weights themselves stay fp32 (training and saving never see the bf16 copies)."""
+    fp32 weights on a CPU compute in bf16 when asked to (``bf16``: a ModelError where this CPU
+    cannot run it; ``auto``: only on a CPU with AMX-BF16 that runs it); the weights themselves stay
+    fp32 (training and saving never see the bf16 copies)."""
     torch = _torch()
     if param_dtype != torch.float32 or torch.device(device).type != "cpu":
         return param_dtype
     p = parse_precision(precision)
-    if p == "bf16" or (p == "auto" and cpu_has_fast_bf16()):
+    if p == "bf16":
+        require_bf16()
+        return torch.bfloat16
+    if p == "auto" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
 

@@ -102,10 +102,12 @@ def _resolve_model(model, device):
 def run_setup(model, device, raster_path: str, tiling: TilingParams | None, tile_choice, language: str,
               beam_size: int | None):
     """What every engine settles before it opens the output: the model (an unknown language fails
-    here, before anything is written), the beam width (the card's by default: the confidence was
-    calibrated on those captions), the tiling and tile-size choice, and the raster's fingerprint."""
+    here, before anything is written), what it computes in (a bf16 this CPU cannot run fails here
+    too), the beam width (the card's by default: the confidence was calibrated on those captions),
+    the tiling and tile-size choice, and the raster's fingerprint."""
     cap = _resolve_model(model, device)
     cap.decoder(language)
+    _compute_dtype_name(cap)  # bf16 where this CPU cannot run it: a ModelError now, not a oneDNN error mid-run
     beam_size = int(beam_size or (getattr(cap, "card", {}) or {}).get("beam_size") or 1)
     if tiling is None:
         tile_choice = tile_choice_for(cap, raster_path)
@@ -303,7 +305,9 @@ def _embed_dim(cap) -> int:
 
 
 def _compute_dtype_name(cap) -> str:
-    """Provenance: bf16 and fp32 runs of one model differ in the last digits (and rarely a word)."""
+    """Provenance: bf16 and fp32 runs of one model differ in the last digits (and rarely a word).
+    What this process computes in: ``auto`` is fp32 on a CPU without AMX-BF16 or where bf16 does
+    not run (``device.bf16_support``); an explicit bf16 there raises ModelError."""
     from .models.inference import compute_dtype
 
     return str(compute_dtype(cap)).replace("torch.", "")

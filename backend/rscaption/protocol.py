@@ -65,6 +65,9 @@ _OPTIONAL_REQUEST = {
         # above run_size.LARGE_RUN_TILES tiles the worker refuses (error kind "large_run", with
         # "tiles" and "seconds") unless this is true: the plugin asks the user, then sends it
         "confirm_large": (bool,),
+        # fp32 | bf16 | auto (default: the worker's RSCAPTION_PRECISION, else fp32); bf16 on a CPU that
+        # cannot run it is answered with an error (kind "user") before the output is created
+        "precision": (str,),
     },
     # "queries": several texts, one model load; the result then carries "results": [{query, hits}].
     # "bbox" [minx, miny, maxx, maxy] in the layer's CRS and "where" (SQLite expression over the
@@ -72,7 +75,7 @@ _OPTIONAL_REQUEST = {
     "search": {"query": (str,), "queries": (list,), "k": (int,), "model": (str,), "device": (str,),
                "min_confidence": _NUM, "bbox": (list,), "where": (str,)},
     "similar": {"k": (int,), "min_confidence": _NUM},
-    "info": {"model": (str,), "device": (str,)},
+    "info": {"model": (str,), "device": (str,), "precision": (str,)},
 }
 TERMINAL_TYPES = frozenset({"done", "error"})
 

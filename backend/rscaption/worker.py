@@ -189,14 +189,18 @@ class Worker:
             self.out.send("error", cmd=cmd, message=f"{type(exc).__name__}: {exc}", kind="internal")
 
     # -- model cache ----------------------------------------------------------------------------
-    def _model(self, name, device):
+    def _model(self, name, device, precision=None):
+        """The model, loaded once per (name, device, precision). A precision this CPU cannot run
+        (bf16 without the instructions) is a ModelError here, answered as one error message before
+        a caption run opens its output."""
+        from .device import parse_precision
         from .models.registry import load_model
 
-        key = (name or "default", device or self.requested_device)
+        key = (name or "default", device or self.requested_device, parse_precision(precision))
         if key not in self._models:
             self._models.clear()  # one model at a time: they can be large
-            log.info("loading model %s on %s", key[0], key[1] or "auto")
-            self._models[key] = load_model(key[0], device=key[1])
+            log.info("loading model %s on %s (%s)", key[0], key[1] or "auto", key[2])
+            self._models[key] = load_model(key[0], device=key[1], precision=key[2])
         return self._models[key]
 
     # -- commands -------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ class Worker:
         from .tiling import TilingParams
 
         device = req.get("device") or self.requested_device
-        model = self._model(req.get("model"), device)
+        model = self._model(req.get("model"), device, req.get("precision"))
         tiling_kwargs = {}
         for key in ("tile_size", "overlap", "bands", "target_resolution"):
             if req.get(key) is not None:
@@ -296,11 +300,12 @@ class Worker:
     def _do_info(self, req: dict) -> dict:
         import torch
 
-        from .device import available_devices
+        from .device import available_devices, bf16_support
 
-        info = {"version": __version__, "torch": torch.__version__, "devices": available_devices()}
+        info = {"version": __version__, "torch": torch.__version__, "devices": available_devices(),
+                "cpu_bf16": bf16_support()._asdict()}  # whether precision bf16 can run here, and why not
         if req.get("model"):
-            model = self._model(req["model"], req.get("device"))
+            model = self._model(req["model"], req.get("device"), req.get("precision"))
             info.update(
                 model_id=getattr(model, "model_id", None),
                 model_hash=getattr(model, "model_hash", None),

@@ -97,11 +97,15 @@ def _open_clip_split(name: str):
 def load_model(name_or_path="default", device=None, dtype=None, precision=None):
     """Returns a `Captioner` on `device` (auto: CUDA, MPS, CPU) in `dtype` (auto: fp16 on CUDA).
     ``precision`` (fp32 | bf16 | auto) is what inference computes in when the weights are fp32 on a
-    CPU: default fp32, auto means bf16 where the CPU has AMX-BF16 (``device.compute_dtype``)."""
-    from ..device import parse_precision
+    CPU: default fp32, auto means bf16 where the CPU has AMX-BF16 and runs it (``device.compute_dtype``).
+    An explicit bf16 that this CPU cannot run is a ModelError here, before the model loads."""
+    from ..device import compute_dtype, parse_dtype, parse_precision, pick_device
 
+    precision = parse_precision(precision)
+    dev = pick_device(device)
+    compute_dtype(precision, dev, parse_dtype(dtype, dev))  # raises for bf16 where it cannot run
     cap = _load_model(name_or_path, device, dtype)
-    cap.precision = parse_precision(precision)
+    cap.precision = precision
     return cap
 
 

@@ -193,11 +193,28 @@ def stage_evaluate(run: Run, rng):
     rows = _evaluate_sets(run, plan, cap, e, prompt_emb, pos, allowed, sets, report_half, report["sets"])
     report["summary"] = rows
     for precision in e.get("compare_precisions", []) or []:
+        skipped = _cannot_run(precision, cap)
+        if skipped:  # e.g. bf16 on an AVX2-only CPU: the comparison is extra, the main figures stand
+            run.log({"stage": "evaluate", "precision": precision, "skipped": skipped})
+            report[f"summary_{precision}"] = {"skipped": skipped}
+            continue
         cap.precision = precision
         report[f"summary_{precision}"] = _evaluate_sets(run, plan, cap, e, prompt_emb, pos, allowed, sets,
                                                          report_half, {}, tag=precision)
     (run.dir / "eval.json").write_text(json.dumps(report, indent=2))
     return {"summary": rows}
+
+
+def _cannot_run(precision, cap) -> str:
+    """Why ``cap`` cannot compute in ``precision`` on this machine ("" when it can)."""
+    from ..device import compute_dtype
+    from ..errors import ModelError
+
+    try:
+        compute_dtype(precision, cap.device, cap.dtype)
+    except ModelError as exc:
+        return str(exc)
+    return ""
 
 
 def _evaluate_sets(run, plan, cap, e, prompt_emb, pos, allowed, sets, report_half, into: dict, tag=None) -> list:
