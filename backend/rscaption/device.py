@@ -127,6 +127,14 @@ def _missing_cpu_support() -> str:
     return "oneDNN offers no bf16 convolutions on this CPU" + (f" (ONEDNN_MAX_CPU_ISA={capped})" if capped else "")
 
 
+def mkldnn_fusion_available() -> bool:
+    """This torch has oneDNN's fused convolution (conv + bias + activation in one call), which the
+    folded image tower uses on the CPU. Here rather than in models/fold.py so that the bf16 probe
+    below needs nothing from the models."""
+    torch = _torch()
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
 def _bf16_ops_fail() -> str:
     """Run the bf16 ops the model's fast paths use, tiny: a fused oneDNN convolution as the folded
     tower calls it (models/fold.py), a channels-last convolution, and a matrix product. Returns the
@@ -134,15 +142,13 @@ def _bf16_ops_fail() -> str:
     torch = _torch()
     import torch.nn.functional as F
 
-    from .models.fold import can_fuse
-
     x = torch.randn(1, 4, 6, 6, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     w = torch.randn(4, 4, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     b = torch.zeros(4, dtype=torch.bfloat16)
     ops = {"convolution": lambda: F.conv2d(x, w, b, padding=1),
            "matrix product": lambda: F.linear(torch.randn(3, 8, dtype=torch.bfloat16),
                                               torch.randn(5, 8, dtype=torch.bfloat16))}
-    if can_fuse("cpu"):
+    if mkldnn_fusion_available():
         ops["fused oneDNN convolution"] = lambda: torch.ops.mkldnn._convolution_pointwise(
             x, w, b, [1, 1], [1, 1], [1, 1], 1, "hardtanh", [0.0, 6.0], "")
     with torch.inference_mode():

@@ -28,6 +28,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..device import mkldnn_fusion_available
+
 # Folding changes rounding only; a larger gap means the tower is not what the folding assumed.
 FOLD_TOLERANCE = 1e-3
 # Largest activation a sub-batch of the high-resolution stages may make: under the 32 MB above which
@@ -78,8 +80,7 @@ def _fusable_act(act: nn.Module | None) -> tuple[str, list] | None:
 
 def can_fuse(device: torch.device | str) -> bool:
     """oneDNN's fused convolution exists in this torch and the tower runs on the CPU."""
-    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+    return torch.device(device).type == "cpu" and mkldnn_fusion_available()
 
 
 class _FusedConv(nn.Module):
