@@ -2,6 +2,11 @@
 
 Only the plugin class is imported here; everything heavy (torch, the model, rasterio) is loaded
 inside background tasks or in a separate backend process.
+
+Modules:
+
+- ``plugin.py``: the object QGIS creates: actions, menu, toolbar, dock, Processing provider
+- ``processing_provider.py``: ``rscaption:caption`` and ``rscaption:search`` Processing algorithms
 """
 
 

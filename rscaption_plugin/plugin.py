@@ -11,10 +11,10 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QFileDialog, QMessageBox
 
-from .diagnostics import LAST_BACKEND
-from .layers import is_tile_layer
-from .paths import icon_path
-from .qgis_compat import QAction
+from .ui.diagnostics import LAST_BACKEND
+from .core.layers import is_tile_layer
+from .core.paths import icon_path
+from .core.qgis_compat import QAction
 
 MENU = "&rscaption"
 
@@ -48,13 +48,13 @@ class RscaptionPlugin:
         self.settings_action = self._action("settings.svg", "Settings…", self.show_settings_dialog)
         self.about_action = self._action("rscaption.svg", "About / diagnostics…", self.show_about_dialog)
 
-        from .dock import SearchDock
+        from .ui.dock import SearchDock
 
         self.dock = SearchDock(self.iface, self.iface.mainWindow())
         self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.dock.hide()
         self.dock.visibilityChanged.connect(self.search_action.setChecked)
-        from .layer_actions import SimilarTileActions
+        from .ui.layer_actions import SimilarTileActions
 
         self.layer_actions = SimilarTileActions(self.iface, self.dock, self.show_dock)
 
@@ -80,7 +80,7 @@ class RscaptionPlugin:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
         try:
-            from .backend_client import POOL
+            from .core.backend_client import POOL
 
             POOL.shutdown()
         except Exception:
@@ -98,7 +98,7 @@ class RscaptionPlugin:
 
     # -- caption -------------------------------------------------------------------------------------
     def show_caption_dialog(self):
-        from .dialog import CaptionDialog
+        from .ui.dialog import CaptionDialog
 
         dlg = CaptionDialog(self.iface)
         if dlg.exec() and dlg.request is not None:
@@ -106,7 +106,7 @@ class RscaptionPlugin:
 
     def start_caption(self, request, on_done=None):
         """Start a caption run; returns the CaptionRun (tests wait on ``run.done``)."""
-        from .caption_run import CaptionRun
+        from .ui.caption_run import CaptionRun
 
         def finished(run):
             if run in self.runs:
@@ -141,7 +141,7 @@ class RscaptionPlugin:
 
     # -- export --------------------------------------------------------------------------------------
     def export_active_layer(self, dst: str | None = None):
-        from .export import ExportError, export_layer
+        from .core.export import ExportError, export_layer
 
         layer = self.iface.activeLayer()
         if layer is None or not is_tile_layer(layer):
@@ -163,13 +163,13 @@ class RscaptionPlugin:
 
     # -- settings, setup, about ----------------------------------------------------------------------
     def show_settings_dialog(self):
-        from .settings_dialog import SettingsDialog
+        from .ui.settings_dialog import SettingsDialog
 
         SettingsDialog(self.iface.mainWindow()).exec()
 
     def show_setup_dialog(self):
-        from .settings import PluginSettings
-        from .setup_backend import SetupBackendDialog
+        from .core.settings import PluginSettings
+        from .ui.setup_backend import SetupBackendDialog
 
         def use(python):
             s = PluginSettings.load()
@@ -181,7 +181,7 @@ class RscaptionPlugin:
         self._setup_dialog.show()
 
     def show_about_dialog(self):
-        from .diagnostics import AboutDialog
+        from .ui.diagnostics import AboutDialog
 
         AboutDialog(self.iface.mainWindow()).exec()
 

@@ -33,12 +33,12 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QIcon
 
-from .layers import gpkg_path_of, is_rscaption_gpkg, tile_filter
-from .paths import icon_path
-from .qgis_compat import NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, field_type
-from .raster_source import RasterSourceError, check_raster
-from .runner import Callbacks, CaptionJob, LargeRunRefused, RunError, run_caption, run_search
-from .settings import BACKEND_MODES, PluginSettings
+from .core.layers import gpkg_path_of, is_rscaption_gpkg, tile_filter
+from .core.paths import icon_path
+from .core.qgis_compat import NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, field_type
+from .core.raster_source import RasterSourceError, check_raster
+from .core.runner import Callbacks, CaptionJob, LargeRunRefused, RunError, run_caption, run_search
+from .core.settings import BACKEND_MODES, PluginSettings
 
 
 def _settings() -> PluginSettings:
@@ -46,17 +46,17 @@ def _settings() -> PluginSettings:
 
 
 def _large_run_tiles() -> int:
-    """The backend's threshold (rscaption.run_size is standard library only: cheap to import)."""
-    from .paths import ensure_backend_on_path
+    """The backend's threshold (rscaption.engine.run_size is standard library only: cheap to import)."""
+    from .core.paths import ensure_backend_on_path
 
     ensure_backend_on_path()
-    from rscaption.run_size import LARGE_RUN_TILES
+    from rscaption.engine.run_size import LARGE_RUN_TILES
 
     return LARGE_RUN_TILES
 
 
 def _large_run_message(exc: LargeRunRefused, label: str) -> str:
-    from .large_run import format_duration
+    from .ui.large_run import format_duration
 
     return (f"this run plans {exc.tiles:,} tiles, about {format_duration(exc.seconds)} (a conservative "
             f"estimate), more than {_large_run_tiles():,}; tick \"{label}\" to start it anyway, or choose a "
@@ -146,7 +146,7 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
             out = os.path.splitext(out)[0] + ".gpkg"
         bands_text = self.parameterAsString(parameters, self.BANDS, context)
         try:
-            from .dialog import parse_bands
+            from .ui.dialog import parse_bands
 
             bands = parse_bands(bands_text)
         except ValueError as exc:
@@ -179,7 +179,7 @@ class CaptionAlgorithm(QgsProcessingAlgorithm):
         if summary.get("cancelled"):
             feedback.reportError(f"cancelled; {summary.get('written')} finished tiles kept in {out}")
         if os.path.exists(out):
-            from .layers import store_default_style
+            from .core.layers import store_default_style
 
             problem = store_default_style(out)  # the file carries its own style (reopened, shared)
             if problem:

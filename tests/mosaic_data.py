@@ -82,7 +82,7 @@ def _xml_escape(text: str) -> str:
 
 def stored(path) -> dict:
     """tile_id -> (row, col, window, caption, confidence, valid_fraction, embedding) of a GeoPackage."""
-    from rscaption.gpkg import TileStore
+    from rscaption.store.gpkg import TileStore
 
     with TileStore.open(str(path)) as store:
         ids, emb = store.embeddings()

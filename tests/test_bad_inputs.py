@@ -18,15 +18,15 @@ import pytest
 from conftest import ROOT, geotiff_path
 from rscaption.cli import main
 from rscaption.errors import StoreError
-from rscaption.gpkg import TileStore
-from rscaption.gpkg_sql import register_functions
+from rscaption.store.gpkg import TileStore
+from rscaption.store.gpkg_sql import register_functions
 
 
 @pytest.fixture(scope="module")
 def good_gpkg(tmp_path_factory, tiny_model_dir):
     """One small real output (RGB.byte.tif, 256 px tiles) that each test copies and damages."""
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
 
     out = tmp_path_factory.mktemp("good") / "good.gpkg"
     caption_raster(str(geotiff_path("RGB.byte.tif")), str(out), model=tiny_model_dir,
@@ -64,7 +64,7 @@ def test_directory_as_raster(tmp_path, capsys, tiny_model_dir):
     rc, err = run_main(capsys, "caption", tmp_path, "-o", tmp_path / "o.gpkg", "--model", tiny_model_dir)
     assert rc == 2 and one_error_line(err) == f"rscaption: error: {tmp_path} is a directory, not a raster file"
     from rscaption.errors import RasterError
-    from rscaption.pipeline import caption_raster  # the worker's and the plugin's path
+    from rscaption.engine.pipeline import caption_raster  # the worker's and the plugin's path
 
     with pytest.raises(RasterError, match="is a directory, not a raster file"):
         caption_raster(str(tmp_path), str(tmp_path / "o.gpkg"), model=tiny_model_dir, device="cpu")

@@ -16,8 +16,8 @@ from test_bad_rasters import write_raster
 
 @pytest.fixture(scope="module")
 def gpkg(tmp_path_factory, tiny_model_dir):
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
 
     d = tmp_path_factory.mktemp("queries")
     out = d / "q.gpkg"

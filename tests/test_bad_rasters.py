@@ -15,9 +15,9 @@ import rasterio
 from rasterio.enums import ColorInterp
 from affine import Affine
 
-from rscaption.gpkg import TileStore
-from rscaption.local_engine import usable_cores
-from rscaption.tiling import RasterTiler, TilingParams
+from rscaption.store.gpkg import TileStore
+from rscaption.engine.local import usable_cores
+from rscaption.raster.tiling import RasterTiler, TilingParams
 from conftest import ROOT
 from test_bad_inputs import one_error_line, run_main
 

@@ -1,4 +1,4 @@
-"""The GPU benchmark (rscaption.bench_gpu) runs its whole code at toy sizes on the CPU, so it is known
+"""The GPU benchmark (rscaption.bench.gpu) runs its whole code at toy sizes on the CPU, so it is known
 to work before a GPU machine is lent for it; without CUDA `make bench` skips it with a reason."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from rscaption import bench_gpu
+from rscaption.bench import gpu as bench_gpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the section runs")

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from rscaption import bench_roofline
-from rscaption.bench_roofline import bench_local_engine, count_flops, matmul_peak, tower_alone
-from rscaption.bench_sections import Sections, cpu_line, cpu_report, json_saver
+from rscaption.bench import roofline as bench_roofline
+from rscaption.bench.roofline import bench_local_engine, count_flops, matmul_peak, tower_alone
+from rscaption.bench.sections import Sections, cpu_line, cpu_report, json_saver
 from rscaption.device import CPU_FLAGS, bf16_support
 from rscaption.models.fold import can_fuse
 from rscaption.models.tiny import build_tiny_captioner
@@ -99,7 +99,7 @@ def test_the_report_names_the_cpu_and_its_bf16_flags(no_bf16_cpu):
 def test_make_bench_names_the_cpu_first_and_prints_each_section_as_it_ends(monkeypatch, capsys, tmp_path):
     """bench.main with its long sections stubbed: the CPU line comes first, a section that fails is
     one line and an ``error`` entry, the sections after it still run, and out/bench.json holds all."""
-    from rscaption import bench, bench_search
+    from rscaption.bench import run as bench, search as bench_search
 
     def disk_full():
         raise OSError("No space left on device")

@@ -71,7 +71,7 @@ def test_finetune_a_pretrained_open_clip_end_to_end_with_resume(tmp_path):
     assert torch.equal(after["transformer.resblocks.0.mlp.c_fc.weight"],
                        before["transformer.resblocks.0.mlp.c_fc.weight"])
     # the exported encoder is the trained one: it reproduces the embeddings the mapping was trained on
-    from rscaption.training.features import read_rgb
+    from rscaption.data.images import read_rgb
 
     val = sorted((tmp_path / "imgs").glob("*.png"), key=lambda p: int(p.stem))
     val = [p for p in val if p.stem in ("4", "104")]

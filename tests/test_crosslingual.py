@@ -157,7 +157,7 @@ def test_tiny_zh_decoder_trains_saves_reloads_and_captions_through_the_cli(tmp_p
     with sqlite3.connect(out) as db:
         captions = [row[0] for row in db.execute("SELECT caption FROM tiles")]
     assert len(captions) == 4 and all(is_chinese(c) for c in captions), captions
-    from rscaption.gpkg import TileStore
+    from rscaption.store.gpkg import TileStore
 
     with TileStore.open(str(out)) as store:
         assert store.metadata()["language"] == "zh"

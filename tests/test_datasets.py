@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rscaption.training.datasets import (
+from rscaption.data.datasets import (
     DatasetError, UCM_CLASSES, caption_corpus, detect_format, load_caption_jsonl, load_coco,
     load_dataset, load_karpathy, load_nwpu, normalize_caption, prefix_label, ucm_label,
 )

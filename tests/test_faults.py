@@ -25,8 +25,8 @@ import pytest
 from conftest import ROOT
 from rscaption.cli import main
 from rscaption.errors import StoreError
-from rscaption.gpkg import TileStore
-from rscaption.run_lock import RunLock, lock_path
+from rscaption.store.gpkg import TileStore
+from rscaption.store.run_lock import RunLock, lock_path
 from test_bad_inputs import one_error_line, run_main
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -212,8 +212,8 @@ class SmallAccelerator:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, tiny_model_dir):
     from rscaption.models.registry import load_model
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
     from test_bad_rasters import write_raster
 
     d = tmp_path_factory.mktemp("oom")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import geotiff_path
-from rscaption import gpkg_sql
+from rscaption.store import gpkg_sql
 from rscaption.errors import StoreError
-from rscaption.gpkg import GPKG_APPLICATION_ID, TileRecord, TileStore, now_iso
-from rscaption.tiling import RasterTiler, TilingParams
+from rscaption.store.gpkg import GPKG_APPLICATION_ID, TileRecord, TileStore, now_iso
+from rscaption.raster.tiling import RasterTiler, TilingParams
 
 DIM = 8
 

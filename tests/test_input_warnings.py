@@ -9,8 +9,8 @@ import rasterio
 from rasterio.transform import from_origin
 
 from conftest import geotiff_path
-from rscaption.input_check import imagery_warning
-from rscaption.tile_size import resolution_warning
+from rscaption.raster.input_check import imagery_warning
+from rscaption.raster.tile_size import resolution_warning
 
 CARD = {"tile_size_by_resolution": [[0.3, 256], [10.0, 64]]}
 

@@ -12,10 +12,10 @@ import pytest
 
 from rscaption.cli import main
 from rscaption.errors import RasterError
-from rscaption.pipeline import caption_raster
+from rscaption.engine.pipeline import caption_raster
 from rscaption.protocol import ProtocolError, parse_request
-from rscaption.run_size import LARGE_RUN_TILES, LargeRunError, describe
-from rscaption.tiling import RasterTiler, TilingParams
+from rscaption.engine.run_size import LARGE_RUN_TILES, LargeRunError, describe
+from rscaption.raster.tiling import RasterTiler, TilingParams
 from test_plugin_support import tiny_model_dir
 from test_worker import Worker
 

@@ -14,12 +14,12 @@ import torch
 from rasterio.transform import from_origin
 
 from rscaption.errors import RasterError
-from rscaption.gpkg import TileStore
-from rscaption.local_engine import MAX_WORKERS, plan_workers, run_batches
+from rscaption.store.gpkg import TileStore
+from rscaption.engine.local import MAX_WORKERS, plan_workers, run_batches
 from rscaption.models.inference import embed_texts_cached
 from rscaption.models.tiny import build_tiny_captioner
-from rscaption.pipeline import caption_raster
-from rscaption.tiling import TilingParams
+from rscaption.engine.pipeline import caption_raster
+from rscaption.raster.tiling import TilingParams
 
 
 def _engine_threads():

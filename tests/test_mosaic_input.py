@@ -15,10 +15,10 @@ import pytest
 from mosaic_data import assert_same_tiles, stored, write_geotiff, write_mosaic
 from rscaption.cli import main
 from rscaption.errors import RasterError
-from rscaption.gpkg import TileStore
-from rscaption.gpkg_sql import register_functions
-from rscaption.pipeline import caption_raster, raster_fingerprint
-from rscaption.tiling import RasterTiler, TilingParams
+from rscaption.store.gpkg import TileStore
+from rscaption.store.gpkg_sql import register_functions
+from rscaption.engine.pipeline import caption_raster, raster_fingerprint
+from rscaption.raster.tiling import RasterTiler, TilingParams
 
 W, H = 160, 104  # pieces cut at 87 and 57 px: not on the 32 px tile grid
 PARAMS = TilingParams(tile_size=32)

@@ -14,7 +14,7 @@ from rscaption.errors import TrainError
 from rscaption.training.contrastive import scene_loss
 from rscaption.training.features import coarsen, make_view, scale_factor
 from rscaption.training.multidata import load_multiset
-from rscaption.training.scene_vocab import SceneVocab
+from rscaption.data.scene_vocab import SceneVocab
 
 
 @pytest.fixture(scope="module")

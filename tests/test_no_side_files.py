@@ -19,7 +19,7 @@ def test_pam_is_off_for_the_test_session():
 def test_plugin_run_leaves_no_file_beside_the_shared_rasters(qgis_new_project, tmp_path_factory, tmp_path):
     from qgis.core import QgsProject, QgsRasterLayer
 
-    from rscaption_plugin.caption_run import CaptionRun
+    from rscaption_plugin.ui.caption_run import CaptionRun
 
     require_shared("geotiff", "RGB.byte.tif")
     before = sorted(os.listdir(GEOTIFF_DIR))

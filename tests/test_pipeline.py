@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rscaption.gpkg import TileStore
-from rscaption.pipeline import caption_raster
-from rscaption.search import search_store
-from rscaption.tiling import RasterTiler, TilingParams
+from rscaption.store.gpkg import TileStore
+from rscaption.engine.pipeline import caption_raster
+from rscaption.search.query import search_store
+from rscaption.raster.tiling import RasterTiler, TilingParams
 
 GEOTIFF = Path(__file__).resolve().parents[2] / "shared" / "data" / "geotiff"
 RSCAPTION = [sys.executable, "-m", "rscaption.cli"]

@@ -52,7 +52,7 @@ def test_loading_the_plugin_does_not_import_torch(tmp_path):
         import rscaption_plugin
         plugin = rscaption_plugin.classFactory(iface)
         plugin.initGui()
-        heavy = [m for m in ("torch", "rasterio", "transformers", "open_clip", "rscaption.pipeline",
+        heavy = [m for m in ("torch", "rasterio", "transformers", "open_clip", "rscaption.engine.pipeline",
                              "rscaption.models", "rscaption.search") if m in sys.modules]
         plugin.unload()
         print("HEAVY", heavy)
@@ -121,7 +121,7 @@ def test_cancel_keeps_finished_tiles(plugin, geotiff, tiny, tmp_path):
 
 @pytest.mark.qgis_log_expects(r"^captioning failed: the backend process stopped unexpectedly \(killed by signal 9\)")
 def test_killed_backend_fails_clearly_and_keeps_tiles(plugin, geotiff, tiny, tmp_path):
-    from rscaption_plugin.backend_client import POOL
+    from rscaption_plugin.core.backend_client import POOL
 
     out = tmp_path / "killed.gpkg"
     request = caption_request(geotiff("RGB.byte.tif"), out, tiny, mode="subprocess", python=sys.executable,
@@ -143,9 +143,9 @@ def test_layer_recovers_when_its_writer_dies_inside_a_transaction(qgis_new_proje
     """The deterministic form of the killed-backend case: the layer is open (read-only OGR
     connection) while a writer is SIGKILLed mid-transaction, leaving a hot journal. Settling the
     store rolls it back, and the layer then shows exactly the committed tiles."""
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
-    from rscaption_plugin.layers import open_tile_layer, refresh_layer, settle_store
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
+    from rscaption_plugin.core.layers import open_tile_layer, refresh_layer, settle_store
 
     out = tmp_path / "dying.gpkg"
     caption_raster(str(geotiff("RGB.byte.tif")), str(out), model=tiny, tiling=TilingParams(tile_size=128),
@@ -179,8 +179,8 @@ def test_layer_recovers_when_its_writer_dies_inside_a_transaction(qgis_new_proje
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory, tiny):
     """A captioned GeoPackage made by the backend directly (the dock tests only read it)."""
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
 
     from conftest import geotiff_path
 
@@ -201,7 +201,7 @@ def _search_with_dock(dock, layer, query, k=5):
 
 
 def test_search_dock_ranks_selects_and_zooms(plugin, captioned):
-    from rscaption.search import search_store
+    from rscaption.search.query import search_store
 
     layer = QgsVectorLayer(f"{captioned}|layername=tiles", "tiles", "ogr")
     QgsProject.instance().addMapLayer(layer)
@@ -231,10 +231,10 @@ def test_search_dock_ranks_selects_and_zooms(plugin, captioned):
 
 
 def test_export_reopen_search_same_ranking(plugin, captioned, tmp_path):
-    from rscaption.search import search_store
+    from rscaption.search.query import search_store
 
-    from rscaption_plugin.export import export_layer
-    from rscaption_plugin.layers import is_tile_layer
+    from rscaption_plugin.core.export import export_layer
+    from rscaption_plugin.core.layers import is_tile_layer
 
     layer = QgsVectorLayer(f"{captioned}|layername=tiles", "tiles", "ogr")
     QgsProject.instance().addMapLayer(layer)
@@ -257,7 +257,7 @@ def test_export_reopen_search_same_ranking(plugin, captioned, tmp_path):
 def test_caption_dialog_builds_request(qgis_iface, qgis_new_project, geotiff, tiny):
     from qgis.core import QgsFeature, QgsGeometry, QgsRectangle
 
-    from rscaption_plugin.dialog import EXTENT_CANVAS, EXTENT_SELECTION, CaptionDialog
+    from rscaption_plugin.ui.dialog import EXTENT_CANVAS, EXTENT_SELECTION, CaptionDialog
 
     raster = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
     QgsProject.instance().addMapLayer(raster)
@@ -306,7 +306,7 @@ def test_caption_dialog_builds_request(qgis_iface, qgis_new_project, geotiff, ti
 
 
 def test_web_raster_is_refused_with_a_clear_message(qgis_new_project):
-    from rscaption_plugin.raster_source import RasterSourceError, check_raster
+    from rscaption_plugin.core.raster_source import RasterSourceError, check_raster
 
     xyz = QgsRasterLayer("type=xyz&url=http://tile.example.invalid/{z}/{x}/{y}.png&zmax=19&zmin=0", "osm", "wms")
     with pytest.raises(RasterSourceError, match="web"):
@@ -314,7 +314,7 @@ def test_web_raster_is_refused_with_a_clear_message(qgis_new_project):
 
 
 def test_settings_round_trip(qgis_app):
-    from rscaption_plugin.settings import PluginSettings
+    from rscaption_plugin.core.settings import PluginSettings
 
     s = PluginSettings(backend_mode="subprocess", backend_python="/x/python", default_model="m", device="cpu",
                        tile_size=128, overlap=8, batch_size=4)
@@ -325,7 +325,7 @@ def test_settings_round_trip(qgis_app):
 
 
 def test_diagnostics_text(qgis_app):
-    from rscaption_plugin.diagnostics import AboutDialog, collect
+    from rscaption_plugin.ui.diagnostics import AboutDialog, collect
 
     text = collect()
     for key in ("QGIS:", "QGIS Python:", "backend Python:", "default model:", "device setting:"):
@@ -338,7 +338,7 @@ def test_non_file_raster_can_be_written_to_a_temporary_geotiff(qgis_new_project,
     """The fallback for local layers rasterio cannot open: raw bands for the extent, same CRS."""
     from qgis.core import QgsRectangle
 
-    from rscaption_plugin.raster_source import export_to_geotiff, raster_file_path
+    from rscaption_plugin.core.raster_source import export_to_geotiff, raster_file_path
 
     layer = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
     ext = layer.extent()
@@ -353,8 +353,8 @@ def test_non_file_raster_can_be_written_to_a_temporary_geotiff(qgis_new_project,
 
 def test_caption_with_the_embedded_default_model(plugin, geotiff, tmp_path):
     """The shipped model through the plugin path ("default", tile size from its card)."""
-    from rscaption_plugin.model_card import card_tile_size
-    from rscaption_plugin.paths import default_model_dir
+    from rscaption_plugin.core.model_card import card_tile_size
+    from rscaption_plugin.core.paths import default_model_dir
 
     if default_model_dir() is None:
         pytest.skip("no default model in resources/default_model yet")
@@ -377,8 +377,8 @@ def test_caption_with_the_embedded_default_model(plugin, geotiff, tmp_path):
 
 def test_default_model_captions_in_chinese_from_the_dialog(plugin, qgis_iface, geotiff, tmp_path):
     """The dialog offers the default model's languages; a Chinese run writes Chinese captions."""
-    from rscaption_plugin.dialog import CaptionDialog
-    from rscaption_plugin.paths import default_model_dir
+    from rscaption_plugin.ui.dialog import CaptionDialog
+    from rscaption_plugin.core.paths import default_model_dir
 
     if default_model_dir() is None:
         pytest.skip("no default model in resources/default_model yet")
@@ -412,7 +412,7 @@ def graded(captioned, tmp_path):
 
     out = tmp_path / "graded.gpkg"
     shutil.copy(captioned, out)
-    from rscaption.gpkg_sql import register_functions
+    from rscaption.store.gpkg_sql import register_functions
 
     con = sqlite3.connect(out)
     register_functions(con)  # the GeoPackage's rtree triggers call ST_* functions
@@ -428,7 +428,7 @@ def test_search_button_click_searches_and_min_confidence_filters(plugin, graded)
     from qgis.PyQt.QtCore import Qt
     from qgis.PyQt.QtTest import QTest
 
-    from rscaption.search import search_store
+    from rscaption.search.query import search_store
 
     captioned = graded
     layer = QgsVectorLayer(f"{captioned}|layername=tiles", "tiles", "ogr")
@@ -462,7 +462,7 @@ def test_low_confidence_tiles_are_drawn_apart(qgis_new_project, graded):
     others a thin outline; both leave the imagery visible (no opaque fill)."""
     from qgis.core import QgsRenderContext
 
-    from rscaption_plugin.layers import LOW_CONFIDENCE, apply_default_style
+    from rscaption_plugin.core.layers import LOW_CONFIDENCE, apply_default_style
 
     layer = QgsVectorLayer(f"{graded}|layername=tiles", "tiles", "ogr")
     QgsProject.instance().addMapLayer(layer)

@@ -97,7 +97,7 @@ def _fill_caption_dialog(dlg, model, out):
 
 def test_caption_toolbar_button_dialog_caption_click_runs_and_adds_the_layer(plugin, fresh_settings, geotiff,
                                                                            tiny, tmp_path):  # noqa: F811
-    from rscaption_plugin.dialog import CaptionDialog
+    from rscaption_plugin.ui.dialog import CaptionDialog
 
     raster = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
     QgsProject.instance().addMapLayer(raster)
@@ -124,7 +124,7 @@ def test_caption_toolbar_button_dialog_caption_click_runs_and_adds_the_layer(plu
 
 
 def test_caption_dialog_cancel_button_and_escape_start_nothing(plugin, fresh_settings, geotiff, tiny):  # noqa: F811
-    from rscaption_plugin.dialog import CaptionDialog
+    from rscaption_plugin.ui.dialog import CaptionDialog
 
     raster = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
     QgsProject.instance().addMapLayer(raster)
@@ -163,7 +163,7 @@ def test_search_toolbar_button_toggles_the_dock_and_enter_and_button_search(plug
     assert dock.searching and not dock.search_button.isEnabled() and not dock.similar_button.isEnabled()
     assert wait_until(lambda: not dock.searching, 120) and dock.error is None, dock.error
     assert dock.search_button.isEnabled() and dock.similar_button.isEnabled() and len(dock.hits) == 4
-    from rscaption.search import search_store
+    from rscaption.search.query import search_store
 
     assert [h["tile_id"] for h in dock.hits] == [h.tile_id for h in search_store(str(captioned), "dense residential area", k=4)]
     press_toolbar(plugin, plugin.search_action)
@@ -171,7 +171,7 @@ def test_search_toolbar_button_toggles_the_dock_and_enter_and_button_search(plug
 
 
 def test_previous_next_and_clicking_a_result_zoom_to_that_tile(plugin, captioned):  # noqa: F811
-    from rscaption_plugin.layers import tile_feature
+    from rscaption_plugin.core.layers import tile_feature
 
     layer = tile_layer(captioned)
     dock = plugin.dock
@@ -208,7 +208,7 @@ def test_previous_next_and_clicking_a_result_zoom_to_that_tile(plugin, captioned
 
 
 def test_similar_button_ranks_by_the_selected_tile(plugin, captioned):  # noqa: F811
-    from rscaption.similar import similar
+    from rscaption.search.similar import similar
 
     layer = tile_layer(captioned)
     dock = plugin.dock
@@ -241,8 +241,8 @@ def test_find_similar_from_the_layer_menu_and_the_feature_menu(plugin, captioned
     entry (QgsMapLayerAction, the clicked feature) both fill the dock like the button."""
     from qgis.gui import QgsGui
 
-    from rscaption.similar import similar
-    from rscaption_plugin.qgis_compat import trigger_feature_action
+    from rscaption.search.similar import similar
+    from rscaption_plugin.core.qgis_compat import trigger_feature_action
 
     other = QgsVectorLayer("Polygon?crs=EPSG:4326", "not tiles", "memory")
     QgsProject.instance().addMapLayer(other)
@@ -297,8 +297,8 @@ def test_export_menu_action_through_the_save_dialog(plugin, captioned, tmp_path)
 def test_settings_menu_action_saves_what_was_typed(plugin, fresh_settings):  # noqa: F811
     from qgis.PyQt.QtWidgets import QDialogButtonBox
 
-    from rscaption_plugin.settings import PluginSettings
-    from rscaption_plugin.settings_dialog import SettingsDialog
+    from rscaption_plugin.core.settings import PluginSettings
+    from rscaption_plugin.ui.settings_dialog import SettingsDialog
 
     def answer(dlg):
         while dlg.mode_combo.currentData() != "subprocess":
@@ -325,8 +325,8 @@ def test_about_menu_action_copy_and_probe_buttons(plugin, fresh_settings):  # no
     from qgis.PyQt.QtGui import QGuiApplication
     from qgis.PyQt.QtWidgets import QDialogButtonBox, QPushButton
 
-    from rscaption_plugin.diagnostics import AboutDialog
-    from rscaption_plugin.settings import PluginSettings
+    from rscaption_plugin.ui.diagnostics import AboutDialog
+    from rscaption_plugin.core.settings import PluginSettings
 
     settings = PluginSettings.load()
     settings.backend_mode, settings.backend_python = "subprocess", sys.executable
@@ -429,7 +429,7 @@ def test_processing_caption_and_search_dialogs_run_from_their_run_buttons(proces
     search, log = _run_dialog(processing_dialogs, "rscaption:search", {
         "INPUT": layer, "QUERY": "a river", "K": 3, "BACKEND": 1, "DEVICE": "cpu", "OUTPUT": "memory:"})
     assert search.wasExecuted(), log
-    from rscaption.search import search_store
+    from rscaption.search.query import search_store
 
     hits = json.loads(search.results()["HITS"])
     assert [h["tile_id"] for h in hits] == [h.tile_id for h in search_store(str(out), "a river", k=3)]

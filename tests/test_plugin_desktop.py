@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(r"""
         with open(CFG["result"], "w") as fh:
             json.dump(result, fh)
         try:
-            from rscaption_plugin.backend_client import POOL
+            from rscaption_plugin.core.backend_client import POOL
             POOL.shutdown()
         except Exception:
             pass
@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent(r"""
         result["plugin_file"] = sys.modules["rscaption_plugin"].__file__
         result["torch_after_plugin_start"] = "torch" in sys.modules
         iface.setActiveLayer(raster)
-        from rscaption_plugin.dialog import CaptionDialog
+        from rscaption_plugin.ui.dialog import CaptionDialog
 
         dlg = CaptionDialog(iface)  # the dialog builds the request, as a user's Caption click does
         inprocess = dlg.mode_combo.findData("inprocess")
@@ -181,6 +181,6 @@ def test_real_qgis_desktop_captions_in_process_with_torch_and_finds_similar_tile
     assert result["features"] == gpkg_tile_count(gpkg) > 0 and all(result["captions"])
     assert result["layer_menu_entry"] is True
     assert result["similar_error"] is None and result["dock_visible"]
-    from rscaption.similar import similar
+    from rscaption.search.similar import similar
 
     assert result["similar"] == [h.tile_id for h in similar(str(gpkg), result["similar_to"], k=10)]

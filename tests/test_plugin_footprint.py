@@ -22,7 +22,7 @@ def anchored_model(tmp_path_factory) -> str:
 
 
 def _dialog(qgis_iface, path, model):
-    from rscaption_plugin.dialog import CaptionDialog
+    from rscaption_plugin.ui.dialog import CaptionDialog
 
     layer = QgsRasterLayer(str(path), path.stem)
     assert layer.isValid()
@@ -54,8 +54,8 @@ def test_dialog_auto_tile_size_shows_the_footprint_in_metres(qgis_iface, qgis_ne
 
 def test_dialog_measures_a_geographic_layer_at_its_centre(qgis_iface, qgis_new_project, tmp_path,
                                                           anchored_model):
-    from rscaption.ground import ground_resolution
-    from rscaption_plugin.footprint import layer_ground_resolution
+    from rscaption.raster.ground import ground_resolution
+    from rscaption_plugin.core.footprint import layer_ground_resolution
 
     step = 0.0001
     path = write_raster(tmp_path / "wgs84.tif", "EPSG:4326", Affine(step, 0, 10.0, 0, -step, 45.0 + 64 * step))

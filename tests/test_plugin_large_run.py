@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
 
 
 def run_with_answer(request, answer: bool):
-    from rscaption_plugin.caption_run import CaptionRun
+    from rscaption_plugin.ui.caption_run import CaptionRun
 
     asked = []
 
@@ -67,7 +67,7 @@ def test_confirmed_large_run_is_started_with_the_confirmation(qgis_new_project, 
 
 
 def test_question_text_names_count_and_time():
-    from rscaption_plugin.large_run import question_text
+    from rscaption_plugin.ui.large_run import question_text
 
     text = question_text({"tiles": 567_938, "seconds": 567_938 / 5.0})
     assert text.startswith("This run would caption 567,938 tiles, which takes about 31.6 hours")

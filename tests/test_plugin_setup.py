@@ -51,7 +51,7 @@ def test_install_into_a_profile(plugin_zip, tmp_path):
     target = package_plugin.install(plugin_zip, tmp_path / "plugins")
     assert (target / "metadata.txt").is_file() and (target / "backend" / "rscaption" / "worker.py").is_file()
     # the installed copy finds its own backend and icons, not the source tree's
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from rscaption_plugin import paths; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from rscaption_plugin.core import paths; "
             "print(paths.backend_dir()); print(paths.icon_path('caption.svg'))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "plugins")], capture_output=True, text=True,
                          check=True).stdout.split()
@@ -59,7 +59,7 @@ def test_install_into_a_profile(plugin_zip, tmp_path):
 
 
 def test_setup_dialog_runs_steps_in_order(qgis_app, tmp_path):
-    from rscaption_plugin.setup_backend import SetupBackendDialog, setup_steps
+    from rscaption_plugin.ui.setup_backend import SetupBackendDialog, setup_steps
 
     steps = [("one", [sys.executable, "-c", "print('step one')"]),
              ("two", [sys.executable, "-c", "print('step two')"])]
@@ -94,7 +94,7 @@ def test_setup_backend_from_the_packaged_zip(plugin_zip, tmp_path):
     package_plugin.install(plugin_zip, plugins)
     env_dir = tmp_path / "backend-venv"
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from rscaption_plugin.setup_backend import run_setup; print('PYTHON', run_setup(sys.argv[2]))")
+            "from rscaption_plugin.ui.setup_backend import run_setup; print('PYTHON', run_setup(sys.argv[2]))")
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     proc = subprocess.run(["/usr/bin/python3", "-c", code, str(plugins), str(env_dir)], capture_output=True,
                           text=True, timeout=1500, env=clean)

@@ -54,8 +54,8 @@ def gpkg_tile_count(path) -> int:
 
 def caption_request(raster, out, model, mode="inprocess", python=None, tile_size=128, batch_size=8,
                     extent=None, name="test captions"):
-    from rscaption_plugin.dialog import CaptionRequest
-    from rscaption_plugin.runner import CaptionJob
+    from rscaption_plugin.ui.dialog import CaptionRequest
+    from rscaption_plugin.core.runner import CaptionJob
 
     job = CaptionJob(raster=str(raster), out=str(out), model=model, tile_size=tile_size, batch_size=batch_size,
                      extent=extent, device="cpu")

@@ -25,8 +25,8 @@ from test_plugin import captioned, plugin, tiny  # noqa: E402,F401  (shared fixt
 def test_subprocess_runs_and_kills_leave_no_unclosed_pipes(qgis_new_project, geotiff, tiny, tmp_path):  # noqa: F811
     """A finished subprocess run, a killed one and the pool shutdown close every pipe they opened:
     ``ResourceWarning: unclosed file`` used to follow each of them."""
-    from rscaption_plugin.backend_client import POOL
-    from rscaption_plugin.runner import Callbacks, CaptionJob, RunError, run_caption
+    from rscaption_plugin.core.backend_client import POOL
+    from rscaption_plugin.core.runner import Callbacks, CaptionJob, RunError, run_caption
 
     raster = str(geotiff("RGB.byte.tif"))
     with warnings.catch_warnings(record=True) as caught:
@@ -50,7 +50,7 @@ def test_subprocess_runs_and_kills_leave_no_unclosed_pipes(qgis_new_project, geo
 
 
 def _tile_layers_for(path) -> list:
-    from rscaption_plugin.layers import find_tile_layer, gpkg_path_of, same_file
+    from rscaption_plugin.core.layers import find_tile_layer, gpkg_path_of, same_file
 
     assert find_tile_layer(str(path)) is not None
     return [lyr for lyr in QgsProject.instance().mapLayers().values() if same_file(gpkg_path_of(lyr), str(path))]
@@ -78,7 +78,7 @@ def test_resumed_run_on_the_same_file_reuses_its_layer(plugin, geotiff, tiny, tm
 @pytest.fixture
 def fresh_settings(qgis_app):
     """The dialog remembers its choices in QgsSettings: start and end every test on the defaults."""
-    from rscaption_plugin.settings import PluginSettings
+    from rscaption_plugin.core.settings import PluginSettings
 
     PluginSettings().save()
     yield
@@ -108,7 +108,7 @@ def _type(line_edit, text):
 def _dialog(iface, geotiff, model):
     from qgis.core import QgsRasterLayer
 
-    from rscaption_plugin.dialog import CaptionDialog
+    from rscaption_plugin.ui.dialog import CaptionDialog
 
     raster = QgsRasterLayer(str(geotiff("RGB.byte.tif")), "rgb")
     QgsProject.instance().addMapLayer(raster)
@@ -123,8 +123,8 @@ def test_existing_output_without_resume_is_refused_in_dialog_words(qgis_iface, q
                                                                    geotiff, tiny, tmp_path):  # noqa: F811
     from qgis.PyQt.QtCore import Qt
 
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
 
     out = tmp_path / "exists.gpkg"
     caption_raster(str(geotiff("RGB.byte.tif")), str(out), model=tiny, tiling=TilingParams(tile_size=256))
@@ -149,7 +149,7 @@ def test_run_messages_use_dialog_words_and_a_cancel_is_no_failure(plugin, geotif
     cancel is an info message and the task manager sees a completed task, not a failed one."""
     from qgis.core import Qgis, QgsApplication, QgsTask
 
-    from rscaption_plugin.caption_run import CaptionRun
+    from rscaption_plugin.ui.caption_run import CaptionRun
 
     bar = plugin.iface.messageBar()
     raster = geotiff("RGB.byte.tif")
@@ -184,7 +184,7 @@ def test_run_messages_use_dialog_words_and_a_cancel_is_no_failure(plugin, geotif
 
 
 def test_gui_wording_rewrites_command_line_options():
-    from rscaption_plugin.wording import gui_wording, has_cli_wording
+    from rscaption_plugin.core.wording import gui_wording, has_cli_wording
 
     text = gui_wording("/x/out.gpkg exists; pass --overwrite to replace it or --resume to continue it")
     assert text == "/x/out.gpkg exists: tick Resume to continue it or choose another file"
@@ -201,8 +201,8 @@ app = QgsApplication([], True)
 app.initQgis()
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
-from rscaption_plugin.dialog import CaptionDialog
-from rscaption_plugin.paths import torch_importable
+from rscaption_plugin.ui.dialog import CaptionDialog
+from rscaption_plugin.core.paths import torch_importable
 
 def run():
     out = {"torch": torch_importable()}
@@ -282,9 +282,9 @@ app = QgsApplication([], False)
 app.initQgis()
 
 def run():
-    from rscaption_plugin.caption_run import CaptionRun
-    from rscaption_plugin.inprocess_guard import compilers_loaded
-    from rscaption_plugin.runner import run_search
+    from rscaption_plugin.ui.caption_run import CaptionRun
+    from rscaption_plugin.core.inprocess_guard import compilers_loaded
+    from rscaption_plugin.core.runner import run_search
     from test_plugin_support import caption_request, wait_until
 
     before = "torch" in sys.modules
@@ -339,7 +339,7 @@ def test_output_carries_its_style_through_export_and_reopen(plugin, geotiff, tin
 
     from qgis.core import QgsVectorLayer
 
-    from rscaption_plugin.layers import LOW_CONFIDENCE, MAP_TIP
+    from rscaption_plugin.core.layers import LOW_CONFIDENCE, MAP_TIP
 
     run = plugin.start_caption(caption_request(geotiff("RGB.byte.tif"), tmp_path / "styled.gpkg", tiny,
                                                tile_size=256))

@@ -22,9 +22,9 @@ from conftest import require_shared
 from rscaption import device
 from rscaption.device import bf16_support, compute_dtype, cpu_has_fast_bf16, parse_precision
 from rscaption.errors import ModelError
-from rscaption.gpkg import TileStore
+from rscaption.store.gpkg import TileStore
 from rscaption.models.registry import load_model
-from rscaption.training.features import read_rgb
+from rscaption.data.images import read_rgb
 from test_bad_inputs import one_error_line, run_main
 from test_bad_rasters import write_raster
 

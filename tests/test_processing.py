@@ -98,7 +98,7 @@ def test_caption_algorithm_refuses_a_large_run_unless_confirmed(provider, tiny, 
     the first pixel read, which fails here because the VRT's source file does not exist)."""
     from qgis.core import QgsProcessingException
 
-    from rscaption.run_size import LARGE_RUN_TILES
+    from rscaption.engine.run_size import LARGE_RUN_TILES
     from test_large_run import HUGE_TILES, vrt
 
     processing = provider

@@ -16,9 +16,9 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray extra is part of make setup (requirements.txt)")
 
 from mosaic_data import assert_same_tiles, pid_alive, stored, write_geotiff, write_mosaic  # noqa: E402
-from rscaption.pipeline import caption_raster  # noqa: E402
-from rscaption.ray_engine import KILL_ENV, caption_raster_ray  # noqa: E402
-from rscaption.tiling import TilingParams  # noqa: E402
+from rscaption.engine.pipeline import caption_raster  # noqa: E402
+from rscaption.engine.ray import KILL_ENV, caption_raster_ray  # noqa: E402
+from rscaption.raster.tiling import TilingParams  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,9 @@ real GeoPackage."""
 
 from __future__ import annotations
 
-from rscaption.gpkg import TileStore
+from rscaption.store.gpkg import TileStore
 from rscaption.models.registry import load_model
-from rscaption.pipeline import caption_raster
+from rscaption.engine.pipeline import caption_raster
 
 
 def test_the_default_names_no_golf_course_on_5m_naip_fields(tmp_path, geotiff):

@@ -16,13 +16,13 @@ import pytest
 from test_plugin_support import ROOT
 from test_worker import Worker
 
-from rscaption import search_matrix
+from rscaption.search import matrix as search_matrix
 from rscaption.cli import main as cli_main
 from rscaption.errors import StoreError
-from rscaption.gpkg import TileStore
+from rscaption.store.gpkg import TileStore
 from rscaption.protocol import ProtocolError, parse_request
-from rscaption.search import search_queries, search_store
-from rscaption.synthetic_store import WORDS, write_synthetic_store
+from rscaption.search.query import search_queries, search_store
+from rscaption.bench.synthetic_store import WORDS, write_synthetic_store
 
 QUERIES = ["a river", "dense residential area", "a parking lot"]
 
@@ -74,7 +74,7 @@ def column(path, sql) -> dict:
 
 def edit(path, sql, params=()):
     """An attribute edit as QGIS would make it (the R-tree triggers need the ST_* functions)."""
-    from rscaption.gpkg_sql import register_functions
+    from rscaption.store.gpkg_sql import register_functions
 
     con = sqlite3.connect(str(path))
     register_functions(con)
@@ -215,8 +215,8 @@ def test_queries_file_errors_are_one_line(store, tiny_model_dir, tmp_path, capsy
 
 # -- the matrix: kept while the file is unchanged, reloaded when it changes ------------------------------
 def test_warm_matrix_is_reused_and_invalidated_by_a_resume(tiny, geotiff, tmp_path):
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
 
     raster, out = str(geotiff("RGB.byte.tif")), str(tmp_path / "resume.gpkg")
     params, calls = TilingParams(tile_size=128), {"n": 0}
@@ -346,7 +346,7 @@ def test_text_tower_alone_gives_the_full_models_vectors_and_hash(tiny_model_dir)
 
 def test_cold_search_loads_neither_the_image_tower_nor_transformers(tmp_path):
     from rscaption.models.text_query import load_text_query_model
-    from rscaption.synthetic_store import write_synthetic_store
+    from rscaption.bench.synthetic_store import write_synthetic_store
 
     m = load_text_query_model("default")
     path = write_synthetic_store(tmp_path / "d.gpkg", 400, m.embed_dim, {"id": "default", "hash": m.model_hash},
@@ -363,7 +363,7 @@ def test_cold_search_loads_neither_the_image_tower_nor_transformers(tmp_path):
     assert [t for t, _ in hits] == [h.tile_id for h in want] and "river" in want[0].caption
     assert loaded == []
     # only search asks for the text tower: `rscaption check --repair` still gets a captioner
-    from rscaption.search import model_for_store
+    from rscaption.search.query import model_for_store
 
     with TileStore.open(path) as store:
         assert not model_for_store(store, text_only=True).can_caption

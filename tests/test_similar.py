@@ -14,13 +14,13 @@ from test_plugin_support import tiny_model_dir
 
 from rscaption.cli import main as cli_main
 from rscaption.errors import StoreError
-from rscaption.similar import similar
+from rscaption.search.similar import similar
 
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory):
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
 
     from conftest import geotiff_path
 

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import geotiff_path
 from rscaption.cli import main
-from rscaption.gpkg import TileStore
-from rscaption.gpkg_sql import register_functions
-from rscaption.pipeline import caption_raster
-from rscaption.tiling import TilingParams
+from rscaption.store.gpkg import TileStore
+from rscaption.store.gpkg_sql import register_functions
+from rscaption.engine.pipeline import caption_raster
+from rscaption.raster.tiling import TilingParams
 
 PARAMS = TilingParams(tile_size=128)
 

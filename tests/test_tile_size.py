@@ -19,9 +19,9 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from conftest import geotiff_path
 from rscaption.errors import RasterError
-from rscaption.ground import ground_resolution, pixel_metres
-from rscaption.gpkg import TileStore
-from rscaption.tile_size import auto_tile_size, choose_tile_size, describe_footprint
+from rscaption.raster.ground import ground_resolution, pixel_metres
+from rscaption.store.gpkg import TileStore
+from rscaption.raster.tile_size import auto_tile_size, choose_tile_size, describe_footprint
 
 ANCHORS = [[0.3, 256], [10.0, 64]]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -176,7 +176,7 @@ def test_pixel_metres_needs_units():
 # -- pipeline and CLI ---------------------------------------------------------------------------------
 def test_pipeline_without_tiling_picks_auto_and_records_it(tmp_path, anchored_model):
     from rscaption.models.registry import load_model
-    from rscaption.pipeline import caption_raster, default_tiling_for
+    from rscaption.engine.pipeline import caption_raster, default_tiling_for
 
     cap = load_model(anchored_model, device="cpu")
     raster = utm_raster(tmp_path / "utm10.tif", 10.0)

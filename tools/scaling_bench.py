@@ -83,9 +83,9 @@ def run(args) -> dict:
 
 def _measure(args, cores: int, tmp: Path) -> dict:
     from rscaption.models.registry import load_model
-    from rscaption.pipeline import caption_raster
-    from rscaption.ray_engine import caption_raster_ray, import_ray
-    from rscaption.tiling import TilingParams
+    from rscaption.engine.pipeline import caption_raster
+    from rscaption.engine.ray import caption_raster_ray, import_ray
+    from rscaption.raster.tiling import TilingParams
 
     raster = make_raster(tmp / "mosaic.tif", args.tiles, args.tile_size)
     tiling = TilingParams(tile_size=args.tile_size)

@@ -51,7 +51,7 @@ SHOT = textwrap.dedent(r"""
     iface.setActiveLayer(raster)
     # Caption through the plugin itself: the dialog builds the request, a QgsTask runs it with
     # the subprocess backend (QGIS's Python has no torch) and the layer fills in as batches land.
-    from rscaption_plugin.dialog import CaptionDialog
+    from rscaption_plugin.ui.dialog import CaptionDialog
     dlg = CaptionDialog(iface)
     dlg.model_combo.setCurrentText(CFG["model"])
     if CFG["tile_size"]:
@@ -83,7 +83,7 @@ SHOT = textwrap.dedent(r"""
     def shoot():
         iface.mainWindow().grab().save(CFG["out"], "PNG")
         print("SHOT", CFG["out"], "hits", len(dock.hits), "status", dock.status.text(), flush=True)
-        from rscaption_plugin.backend_client import POOL
+        from rscaption_plugin.core.backend_client import POOL
         POOL.shutdown()
         QgsProject.instance().clear()  # as File > Exit does; see tests/test_plugin_desktop.py
         QApplication.instance().quit()

@@ -88,16 +88,16 @@ def _add_caption(sub):
 
 def cmd_caption(args) -> int:
     from .models.registry import load_model
-    from .pipeline import caption_raster, tile_choice_for
-    from .tiling import TilingParams
+    from .engine.pipeline import caption_raster, tile_choice_for
+    from .raster.tiling import TilingParams
 
-    from .rasterpath import check_raster_path
+    from .raster.paths import check_raster_path
 
     check_raster_path(args.raster)  # local files must exist; /vsicurl/, /vsis3/ ... are GDAL's to open
     if args.address and args.engine != "ray":
         raise RscaptionError("--address needs --engine ray")
     if args.engine == "ray":
-        from .ray_engine import import_ray
+        from .engine.ray import import_ray
 
         import_ray()  # a missing extra is one line before the model loads
     if not args.output.lower().endswith(".gpkg"):
@@ -114,7 +114,7 @@ def cmd_caption(args) -> int:
     beam = args.beam_size or int(card.get("beam_size") or 1)
 
     bar = None
-    from .input_check import input_warnings
+    from .raster.input_check import input_warnings
 
     announce = [choice.describe(), *input_warnings(args.raster, card, choice.m_per_px, args.bands)][::-1]
 
@@ -136,7 +136,7 @@ def cmd_caption(args) -> int:
                    resume=not args.no_resume, overwrite=args.overwrite, language=args.language, tile_choice=choice,
                    confirm_large=args.yes)
         if args.engine == "ray":
-            from .ray_engine import caption_raster_ray
+            from .engine.ray import caption_raster_ray
 
             summary = caption_raster_ray(args.raster, args.output, model_spec=args.model, device=args.device,
                                          address=args.address, **run)
@@ -155,14 +155,14 @@ def cmd_caption(args) -> int:
 
 def _add_search(sub):
     p = sub.add_parser("search", help="rank the tiles of a captioned GeoPackage by text queries")
-    from .search_cli import add_search_args  # light: argparse only
+    from .search.cli import add_search_args  # light: argparse only
 
     add_search_args(p)
     p.set_defaults(func=cmd_search)
 
 
 def cmd_search(args) -> int:
-    from .search_cli import run_search
+    from .search.cli import run_search
 
     return run_search(args)
 
@@ -177,7 +177,7 @@ def _add_similar(sub):
 
 
 def cmd_similar(args) -> int:
-    from .similar import similar
+    from .search.similar import similar
 
     hits = similar(args.gpkg, args.tile_id, k=args.k)
     if args.json:
@@ -210,14 +210,14 @@ def cmd_info(args) -> int:
 
 def _add_check(sub):
     p = sub.add_parser("check", help="report damaged tiles of a captioned GeoPackage (--repair re-captions them)")
-    from .check import add_check_args  # light: the store and argparse only
+    from .engine.check import add_check_args  # light: the store and argparse only
 
     add_check_args(p)
     p.set_defaults(func=cmd_check)
 
 
 def cmd_check(args) -> int:
-    from .check import run_check
+    from .engine.check import run_check
 
     return run_check(args)
 

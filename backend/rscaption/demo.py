@@ -51,7 +51,7 @@ def summarize(gpkg: Path, top: int = 8) -> None:
     mean confidence, and how many tiles it was unsure about."""
     from collections import defaultdict
 
-    from .gpkg import TileStore
+    from .store.gpkg import TileStore
 
     with TileStore.open(str(gpkg)) as store:
         tiles = store.tiles()

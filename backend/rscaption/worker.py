@@ -205,8 +205,8 @@ class Worker:
 
     # -- commands -------------------------------------------------------------------------------
     def _do_caption(self, req: dict) -> dict:
-        from .pipeline import caption_raster, tile_choice_for
-        from .tiling import TilingParams
+        from .engine.pipeline import caption_raster, tile_choice_for
+        from .raster.tiling import TilingParams
 
         device = req.get("device") or self.requested_device
         model = self._model(req.get("model"), device, req.get("precision"))
@@ -223,7 +223,7 @@ class Worker:
         tiling = TilingParams(**tiling_kwargs)
         self.out.send("log", message=f"model {getattr(model, 'model_id', req.get('model'))} loaded")
         self.out.send("log", message=choice.describe())
-        from .input_check import input_warnings
+        from .raster.input_check import input_warnings
 
         for warning in input_warnings(req["raster"], getattr(model, "card", {}) or {}, choice.m_per_px,
                                       req.get("bands")):
@@ -256,7 +256,7 @@ class Worker:
     def _do_search(self, req: dict) -> dict:
         """One query -> ``hits``; ``queries`` -> ``results`` [{query, hits}], one model load. The
         embedding matrix stays in memory between requests while the file is unchanged."""
-        from .search import search_queries
+        from .search.query import search_queries
 
         device = req.get("device") or self.requested_device
         model = self._model(req["model"], device) if req.get("model") else self._store_model(req["gpkg"], device)
@@ -273,7 +273,7 @@ class Worker:
         return {"count": len(rows[0])}
 
     def _do_similar(self, req: dict) -> dict:
-        from .similar import similar  # embeddings only: no model load
+        from .search.similar import similar  # embeddings only: no model load
 
         hits = similar(req["gpkg"], req["tile_id"], k=req.get("k") or 10, min_confidence=req.get("min_confidence"))
         self.out.send("result", cmd="similar", hits=[_hit_row(h) for h in hits])
@@ -285,8 +285,8 @@ class Worker:
 
         if not os.path.exists(gpkg):
             return None  # search_store says so in its own words
-        from .gpkg import TileStore
-        from .search import model_for_store
+        from .store.gpkg import TileStore
+        from .search.query import model_for_store
 
         with TileStore.open(gpkg) as store:
             meta = store.metadata().get("model", {}) or {}

@@ -24,7 +24,7 @@ DEFAULT_PROMPT = "an aerial image of a {}."
 
 
 def _load_images(records, show_progress: bool = True):
-    from ..training.features import read_rgb
+    from ..data.images import read_rgb
 
     return [read_rgb(r.image) for r in records]
 
@@ -41,7 +41,7 @@ def evaluate_model(model, data, split: str = "val", images=None, beam_size: int 
                    length_penalty: float | None = None, limit: int | None = None, meteor: bool = True,
                    max_new_tokens: int = 30, batch_size: int = 32, device=None, captions_out: bool = True) -> dict:
     """Evaluate ``model`` (a name/path for ``load_model`` or a ``Captioner``) on ``data``'s split."""
-    from ..training.datasets import load_dataset, normalize_caption
+    from ..data.datasets import load_dataset, normalize_caption
     from .metrics import classification_accuracy, retrieval_recall, score_captions
 
     cap = _load_model(model, device) if isinstance(model, (str, Path)) else model
@@ -121,12 +121,12 @@ def evaluate_model(model, data, split: str = "val", images=None, beam_size: int 
 
 def _vocab_targets(cap, ds, recs):
     """``(positives, allowed)`` over the model's scene vocabulary when the model has one and the
-    dataset's labels map into it (``training/scene_vocab.yaml``), else None (plain zero-shot)."""
+    dataset's labels map into it (``data/scene_vocab.yaml``), else None (plain zero-shot)."""
     scene = getattr(cap, "scene", None)
     if scene is None or not ds.classes or any(r.label is None for r in recs):
         return None
     from ..errors import TrainError
-    from ..training.scene_vocab import SceneVocab
+    from ..data.scene_vocab import SceneVocab
 
     vocab = SceneVocab.load()
     if list(vocab.phrases) != list(scene.phrases):

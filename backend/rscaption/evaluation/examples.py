@@ -15,7 +15,7 @@ import sys
 def raster_examples(cap, path, tile_size: int = 256, n: int = 3, beam_size: int = 3,
                     target_resolution: float | None = None) -> list[dict]:
     """Captions of the ``n`` most complete tiles of a raster, tiled exactly as the pipeline does."""
-    from ..tiling import RasterTiler, TilingParams
+    from ..raster.tiling import RasterTiler, TilingParams
 
     params = TilingParams(tile_size=tile_size, target_resolution=target_resolution)
     out = []

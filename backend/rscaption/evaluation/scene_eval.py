@@ -17,7 +17,7 @@ import numpy as np
 def caption_embeddings(cap, captions: list[str]) -> np.ndarray:
     """Text-tower embeddings of captions, exactly as ``Captioner.calibrate`` computes them, so the
     judge and the scene head read the same vectors."""
-    from ..training.datasets import normalize_caption
+    from ..data.datasets import normalize_caption
 
     if not captions:
         return np.zeros((0, cap.embed_dim), dtype=np.float32)

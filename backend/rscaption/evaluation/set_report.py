@@ -16,8 +16,8 @@ def evaluate_set(cap, records, positives: np.ndarray, allowed: np.ndarray, promp
                  has_captions: bool, report_mask: np.ndarray | None = None, beam_size: int = 3,
                  meteor: bool = True, length_penalty: float = 1.0, examples: int = 8,
                  ground_m: float | None = None) -> dict:
-    from ..training.datasets import normalize_caption
-    from ..training.features import read_rgb
+    from ..data.datasets import normalize_caption
+    from ..data.images import read_rgb
     from .calibration import auroc, ece, reliability
     from .metrics import retrieval_recall, score_captions
     from .scene_eval import caption_embeddings, names_right_scene, scene_accuracy

@@ -272,7 +272,7 @@ class Captioner(nn.Module):
     def _embed_caption_texts(self, captions: list[str]) -> np.ndarray:
         """Text-tower embeddings of captions as the scene head reads them (each distinct caption
         once per set of weights on the fast path)."""
-        from ..training.datasets import normalize_caption
+        from ..data.datasets import normalize_caption
 
         texts = [normalize_caption(c) for c in captions]
         if getattr(self, "fast_inference", True):

@@ -44,7 +44,7 @@ def val_captioned(plan):
 def stage_mapping(run: Run, rng):
     import torch
 
-    from .datasets import normalize_caption
+    from ..data.datasets import normalize_caption
     from .mapping_stage import train_mapping
 
     plan = plan_of(run)

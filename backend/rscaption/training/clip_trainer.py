@@ -27,7 +27,8 @@ import torch
 
 from ..errors import TrainError
 from .contrastive import clip_losses, epoch_loop, multi_positive_mask
-from .features import make_view, read_rgb
+from .features import make_view
+from ..data.images import read_rgb
 
 
 def clip_encoder(spec: dict, resolve=lambda p: p):

@@ -66,7 +66,7 @@ def clean_chinese(text: str) -> str:
 
 def load_zh_pairs(path, split: str) -> list[tuple[str, str]]:
     """(English, Chinese) sentence pairs of one split of the Sydney-Captions CN file."""
-    from .datasets import normalize_caption
+    from ..data.datasets import normalize_caption
 
     return [(normalize_caption(en), zh) for _, en, zh in _sentences(path, split)]
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .datasets import CaptionRecord
+from ..data.datasets import CaptionRecord
+from ..data.images import read_rgb
 
 
 def dihedral(img: np.ndarray, k: int) -> np.ndarray:
@@ -104,13 +105,6 @@ def make_view(img: np.ndarray, view: int, image_path: str = "") -> np.ndarray:
         return augment(img, view, image_path)
     k = int(_view_rng(view, image_path).integers(8))
     return coarsen(dihedral(img, k), scale_factor(view))
-
-
-def read_rgb(path: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 class SplitTower(nn.Module):

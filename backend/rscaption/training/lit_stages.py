@@ -99,7 +99,7 @@ def load_trunks(run, plan, enc, pretrained_enc, split: str) -> np.ndarray:
 
 def unique_captions(records):
     """Deduplicated normalised sentences + per-image indices (see contrastive multi-positives)."""
-    from .datasets import normalize_caption
+    from ..data.datasets import normalize_caption
 
     index: dict[str, int] = {}
     per_image = []

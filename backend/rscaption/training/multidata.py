@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TrainError
-from .datasets import IMAGE_EXTENSIONS, CaptionRecord, check_images, load_dataset
-from .scene_vocab import SceneVocab
+from ..data.datasets import IMAGE_EXTENSIONS, CaptionRecord, check_images, load_dataset
+from ..data.scene_vocab import SceneVocab
 
 
 @dataclass

@@ -14,7 +14,7 @@ from .rundir import Run
 
 
 def caption_data(run: Run):
-    from .datasets import load_dataset
+    from ..data.datasets import load_dataset
 
     d = run.cfg["data"]
     ds = load_dataset(resolve_path(d["captions"], run.cfg), images_dir=resolve_path(d.get("images"), run.cfg),
@@ -25,14 +25,14 @@ def caption_data(run: Run):
         train = train.limit(int(d["limit_train"]))
     if d.get("limit_val"):
         val = val.limit(int(d["limit_val"]))
-    from .datasets import check_images
+    from ..data.datasets import check_images
 
     check_images(train.records + val.records, what=d["captions"])
     return ds, train, val
 
 
 def lm_corpus(run: Run) -> list[str]:
-    from .datasets import caption_corpus
+    from ..data.datasets import caption_corpus
 
     sources = [{**s, "path": resolve_path(s["path"], run.cfg)} for s in run.cfg.get("lm_corpus", [])]
     if not sources:

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import TrainError
 from .contrastive import PROMPT_TEMPLATE
 from .multidata import LoadedSet, MultiSet, SetSpec, load_multiset, load_set
-from .scene_vocab import SceneVocab, _norm
+from ..data.scene_vocab import SceneVocab, _norm
 
 
 def _own_vocab(spec: SetSpec, classes, phrases) -> SceneVocab:
@@ -29,7 +29,7 @@ def build_plan(cfg: dict, resolve) -> MultiSet:
     if d.get("sets"):
         vocab = SceneVocab.load(resolve(cfg["scene_vocab"]) if cfg.get("scene_vocab") else None)
         return load_multiset(d, resolve, views, vocab)
-    from .datasets import load_dataset
+    from ..data.datasets import load_dataset
 
     path = resolve(d["captions"])
     ds = load_dataset(path, images_dir=resolve(d.get("images")), check=False)

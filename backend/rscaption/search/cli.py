@@ -1,0 +1,101 @@
+"""``rscaption search``: arguments and output, kept out of ``cli.py`` (which only wires commands).
+
+Several queries share one model load and one pass over the embedding matrix (``--queries FILE``,
+one per line), which is what makes a batch of questions about a 10^6-tile mosaic cheap: the
+start-up (torch, the model, the matrix) is paid once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import RscaptionError
+
+MAX_QUERY_FILE_BYTES = 16 * 1024 * 1024
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("gpkg")
+    p.add_argument("query", nargs="?", default=None, help="the text to look for (or use --queries)")
+    p.add_argument("--queries", metavar="FILE", default=None,
+                   help="a text file with one query per line ('-': standard input); one model load for all")
+    p.add_argument("-k", type=_positive, default=10, help="number of results per query (default 10)")
+    p.add_argument("--model", default=None, help="override the model recorded in the file (hash must match)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: a list of hits, or with --queries a list of {query, hits}")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="C",
+                   help="rank only tiles whose caption confidence is at least C (0-1)")
+    p.add_argument("--bbox", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"), default=None,
+                   help="rank only tiles intersecting this box (in the layer's CRS)")
+    p.add_argument("--where", metavar="EXPR", default=None,
+                   help="rank only tiles matching this SQLite expression over the layer's columns, "
+                        "e.g. \"confidence >= 0.5\" or \"caption LIKE '%%river%%'\"")
+    p.set_defaults(search_parser=p)  # "one of query / --queries" is checked after parsing, in its words
+
+
+def read_queries(path: str) -> list[str]:
+    """Non-blank lines of a queries file, stripped; a missing, unreadable or empty file is one line."""
+    if path == "-":
+        text = sys.stdin.read()
+        where = "standard input"
+    else:
+        import os
+
+        if not os.path.exists(path):
+            raise RscaptionError(f"queries file not found: {path}")
+        if os.path.isdir(path):
+            raise RscaptionError(f"{path} is a directory, not a queries file")
+        if os.path.getsize(path) > MAX_QUERY_FILE_BYTES:
+            raise RscaptionError(f"queries file {path} is larger than 16 MB; is it really one query per line?")
+        try:
+            with open(path, encoding="utf-8-sig") as fh:
+                text = fh.read()
+        except UnicodeDecodeError:
+            raise RscaptionError(f"queries file {path} is not UTF-8 text") from None
+        except OSError as exc:
+            raise RscaptionError(f"cannot read queries file {path}: {exc.strerror}") from None
+        where = path
+    queries = [line.strip() for line in text.splitlines() if line.strip()]
+    if not queries:
+        raise RscaptionError(f"queries file {where} has no queries (expected one per line)")
+    return queries
+
+
+def run_search(args) -> int:
+    from .query import search_queries
+
+    queries = ([args.query] if args.query else []) + (read_queries(args.queries) if args.queries else [])
+    if not queries:
+        message = "the following arguments are required: query or --queries FILE"
+        parser = getattr(args, "search_parser", None)
+        if parser is not None:
+            parser.error(message)  # one line, exit 2, like every other argument mistake
+        raise RscaptionError(message)
+    results = search_queries(args.gpkg, queries, k=args.k, model=args.model, device=args.device,
+                             min_confidence=args.min_confidence, bbox=args.bbox, where=args.where)
+    grouped = args.queries is not None
+    if args.json:
+        if grouped:
+            print(json.dumps([{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(queries, results)],
+                             indent=1))
+        else:
+            print(json.dumps([h.to_dict() for h in results[0]], indent=1))
+        return 0
+    for n, (q, hits) in enumerate(zip(queries, results)):
+        if grouped:
+            print(("\n" if n else "") + f"query {n + 1}: {q}  ({len(hits)} hits)")
+        print(f"{'rank':>4} {'score':>7} {'tile':>6} {'row':>4} {'col':>4} {'conf':>5}  caption")
+        for i, h in enumerate(hits, 1):
+            conf = f"{h.confidence:5.2f}" if h.confidence is not None else "    -"
+            print(f"{i:>4} {h.score:7.4f} {h.tile_id:>6} {h.row:>4} {h.col:>4} {conf}  {h.caption}")
+    return 0

@@ -1,0 +1,23 @@
+"""store/: the GeoPackage a run writes and search reads; its checks and its lock.
+
+Modules:
+
+- ``gpkg.py``: ``TileStore``: the GeoPackage written with sqlite3 (layer ``tiles``, table
+  ``rscaption_embeddings``, table ``rscaption_metadata``); incremental, resumable writes
+- ``gpkg_sql.py``: the ST_* functions the GeoPackage R-tree triggers call (envelopes from the
+  geometry blobs); and ``interrupts_deferred``, which holds a Ctrl-C until the transaction ends
+  (SQLite would turn one raised inside these functions into a write error), so a cancel mid-write
+  commits the batch and stays a cancel
+- ``integrity.py``: what ``TileStore.open`` validates (schema, metadata types, embedding size:
+  ``StoreError`` naming the file) and the damaged tiles (no caption, missing or wrong-size
+  embedding) that resume redoes
+- ``run_lock.py``: one writer per output: ``RunLock`` holds an OS lock on ``OUT.gpkg.lock`` (PID,
+  host, start time inside for the refusal message), released by the kernel when the holder dies, so
+  a killed run's lock is taken over
+
+Contract (store)::
+
+    store = TileStore.create(path, crs_wkt, epsg, embed_dim, metadata) / TileStore.open(path)
+    store.done_keys() -> set[str]; store.add(records); store.metadata(); store.embeddings()
+    store.embeddings_of(tile_ids) -> {tile_id: float32 [D]}; store.tiles_by_id(tile_ids) -> {tile_id: attrs}
+"""

@@ -1,0 +1,129 @@
+"""One writer per output GeoPackage: a lock file beside it (``OUT.gpkg.lock``) naming the writer.
+
+Why SQLite's own locking is not enough: every batch is its own short transaction, so two runs on
+one output would interleave their batches, and a second run with ``--overwrite`` would delete the
+file under the first. The lock is an OS lock on the lock file (``flock`` on POSIX, ``msvcrt`` on
+Windows), which the kernel drops when its holder dies: a run killed with ``kill -9`` never leaves a
+lock that blocks the next run, whatever PID the stale file still names. The PID, host and start
+time in the file only tell the refused user who holds it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import socket
+
+from ..errors import StoreError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+
+def lock_path(out_gpkg) -> str:
+    return f"{out_gpkg}.lock"
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+            return False
+        raise
+
+
+def _unlock(fd: int) -> None:
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        else:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    except OSError:
+        pass
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(holder: dict) -> str:
+    pid, since = holder.get("pid"), holder.get("started")
+    where = f" on {holder['host']}" if holder.get("host") and holder.get("host") != socket.gethostname() else ""
+    return f"pid {pid}{where} since {since}" if pid else "a process that did not say who it is"
+
+
+class RunLock:
+    """Context manager: ``with RunLock(out):`` refuses with one StoreError line while another live
+    run holds ``out``; a lock left by a dead process is taken over."""
+
+    def __init__(self, out_gpkg):
+        self.out = str(out_gpkg)
+        self.path = lock_path(self.out)
+        self.previous: dict = {}  # what a dead holder left behind (for tests and logs)
+        self._fd = None
+
+    def acquire(self) -> "RunLock":
+        for _ in range(10):  # the holder may unlink the file between our open and our lock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                raise StoreError(f"cannot write {self.out}: its folder does not exist") from None
+            except OSError as exc:
+                raise StoreError(f"cannot write {self.out}: {exc.strerror or exc} "
+                                 f"(in {os.path.dirname(os.path.abspath(self.out))})") from None
+            if not _try_lock(fd):
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise StoreError(f"{self.out} is being written by another rscaption run "
+                                 f"({describe_holder(holder)}); wait for it to finish or choose another output")
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(fd), current):
+                break
+            _unlock(fd)
+            os.close(fd)
+        else:
+            raise StoreError(f"cannot lock {self.out}: its lock file {self.path} keeps changing")
+        self.previous = _read_holder(fd)
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode("utf-8"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:  # removed while still held, so a waiting opener re-checks (see acquire) and nothing lingers
+            os.unlink(self.path)
+        except OSError:  # Windows cannot remove an open file; the next run reuses it
+            pass
+        _unlock(fd)
+        os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
