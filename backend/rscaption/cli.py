@@ -100,8 +100,9 @@ def cmd_caption(args) -> int:
         from .engine.ray import import_ray
 
         import_ray()  # a missing extra is one line before the model loads
-    if not args.output.lower().endswith(".gpkg"):
-        raise RscaptionError(f"the output must be a .gpkg file, got {args.output}")
+    from .store.run_lock import check_output_path
+
+    check_output_path(args.output, args.raster)  # the worker and caption_raster run the same checks
     cap = load_model(args.model, device=args.device, precision=args.precision)
     card = cap.card or {}
     choice = tile_choice_for(cap, args.raster, args.tile_size, args.resolution)

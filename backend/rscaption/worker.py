@@ -206,8 +206,12 @@ class Worker:
     # -- commands -------------------------------------------------------------------------------
     def _do_caption(self, req: dict) -> dict:
         from .engine.pipeline import caption_raster, tile_choice_for
+        from .raster.paths import check_raster_path
         from .raster.tiling import TilingParams
+        from .store.run_lock import check_output_path
 
+        check_raster_path(req["raster"])  # the CLI's checks, before a model loads or a file goes
+        check_output_path(req["out"], req["raster"])
         device = req.get("device") or self.requested_device
         model = self._model(req.get("model"), device, req.get("precision"))
         tiling_kwargs = {}

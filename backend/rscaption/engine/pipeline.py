@@ -26,7 +26,7 @@ from ..store.gpkg import TileRecord, TileStore
 from .oom import oom_guard
 from .local import FlowStats, run_local
 from ..raster.ground import ground_resolution
-from ..store.run_lock import RunLock
+from ..store.run_lock import RunLock, check_output_path
 from .run_size import check_run_size
 from ..raster.paths import is_gdal_path, virtual_fingerprint
 from ..raster.tiling import RasterTiler, Tile, TilingParams
@@ -181,10 +181,7 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
     t0 = time.perf_counter()
     if os.path.isdir(raster_path):  # say so, rather than GDAL's "not recognized" or IsADirectoryError
         raise RasterError(f"{raster_path} is a directory, not a raster file")
-    if os.path.isdir(out_gpkg):  # --overwrite would otherwise try os.remove() on a folder
-        raise StoreError(f"{out_gpkg} is a directory; give a .gpkg file path for the output")
-    if os.path.exists(out_gpkg) and os.path.exists(raster_path) and os.path.samefile(out_gpkg, raster_path):
-        raise StoreError(f"the output {out_gpkg} is the input raster; choose another .gpkg file")
+    check_output_path(out_gpkg, raster_path)  # the same checks as the CLI's and the worker's
     cap, beam_size, tiling, tile_choice, fp = run_setup(model, device, raster_path, tiling, tile_choice,
                                                         language, beam_size)
     model_hash = cap.model_hash

@@ -25,10 +25,10 @@ import os
 import time
 from collections import deque
 
-from ..errors import RscaptionError, StoreError
+from ..errors import RscaptionError
 from .pipeline import RunSummary, _claim_language, _open_store, _refuse_all_nodata, caption_batch, run_setup, tile_key
 from ..raster.paths import check_raster_path, worker_path
-from ..store.run_lock import RunLock
+from ..store.run_lock import RunLock, check_output_path
 from .run_size import check_run_size
 from ..raster.tiling import RasterTiler, TilingParams
 
@@ -105,8 +105,7 @@ def caption_raster_ray(raster_path: str, out_gpkg: str, model="default", model_s
     ray = import_ray()
     t0 = time.perf_counter()
     check_raster_path(raster_path)
-    if os.path.isdir(out_gpkg):
-        raise StoreError(f"{out_gpkg} is a directory; give a .gpkg file path for the output")
+    check_output_path(out_gpkg, raster_path)  # the same checks as the CLI's and the worker's
     if model_spec is None:
         if not isinstance(model, (str, os.PathLike)):
             raise RscaptionError("the Ray engine needs the model's name or folder (model_spec) for its workers")

@@ -22,7 +22,8 @@ be stored as fp16 (`storage_dtype`) to keep the shipped default small; they are 
 An encoder or LM may instead reference public weights by name (`"weights": "hub"` / `"name"`),
 which then needs the network or a warm Hugging Face cache.
 
-`model_hash` = sha256 over config.json and every *.safetensors file (paths included, sorted),
+A checkpoint holding any other weight file (``pytorch_model.bin``, ``.pt``, ...) is refused.
+`model_hash` = sha256 over config.json and every weight file (paths included, sorted),
 so it identifies exactly the numbers that produce the embeddings stored in a GeoPackage.
 """
 
@@ -36,14 +37,22 @@ import torch
 
 from ..errors import ModelError
 from .captioner import Captioner
-from .checkpoint_save import FORMAT, VERSION, hash_dir
+from .checkpoint_save import FORMAT, VERSION, hash_dir, weight_files
 from .decoder import Decoder
 from .encoders import build_encoder
 from .mapping import build_mapping
 from .scene import SceneHead
 from .weights import load_into, load_state, quiet_loading
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+def refuse_unsafe_weights(directory: Path) -> None:
+    """Only safetensors load: a checkpoint holding any other weight file (``lm/pytorch_model.bin``,
+    which transformers would unpickle, even with torch's restricted loader) is refused, naming it."""
+    for f in weight_files(directory):
+        if f.suffix.lower() != ".safetensors":
+            rel = f.relative_to(directory).as_posix()
+            raise ModelError(f"checkpoint {directory} holds {rel}, which is not a safetensors file; "
+                             "only .safetensors weights load (save it with safe_serialization=True)")
 
 
 def load_decoder(entry: dict, directory: Path) -> Decoder:
@@ -131,7 +140,8 @@ def _load_lm(cfg: dict, directory: Path):
     if cfg.get("path") and not (directory / cfg["path"] / "config.json").is_file():
         raise ModelError(f"checkpoint language model is missing: {directory / cfg['path']}")
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        extra = {"use_safetensors": True} if cfg.get("path") else {}  # a local folder: never a pickle
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra).eval()
     except Exception as exc:
         raise load_error(exc, source, "language model") from None
 
@@ -165,6 +175,7 @@ def _load_checkpoint(directory, device=None, dtype=None) -> Captioner:
     directory = Path(directory).resolve()
     config = read_config(directory)
     check_file_refs(config, directory)
+    refuse_unsafe_weights(directory)
     try:
         encoder = build_encoder(config["encoder"], directory)
         mapping = lm = tokenizer = None

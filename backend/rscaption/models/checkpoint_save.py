@@ -35,9 +35,23 @@ def is_checkpoint_dir(path) -> bool:
         return False
 
 
-def hash_dir(directory) -> str:
+# Weight files in any format: the hash covers them all (a checkpoint whose numbers change must get
+# another hash), though only safetensors ever load (checkpoint.refuse_pickled_weights).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".npy")
+
+
+def weight_files(directory) -> list[Path]:
+    """Every weight file under ``directory`` (any format), sorted by path."""
     directory = Path(directory)
-    files = [directory / "config.json"] + sorted(directory.rglob("*.safetensors"))
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file())
+
+
+def hash_dir(directory) -> str:
+    """sha256 over config.json and every weight file (paths included, sorted). A safetensors-only
+    checkpoint hashes as it always did."""
+    directory = Path(directory)
+    files = [directory / "config.json"] + weight_files(directory)
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(directory).as_posix().encode() + b"\0")

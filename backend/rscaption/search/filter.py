@@ -47,7 +47,49 @@ def check_where(where) -> str | None:
     if not isinstance(where, str):
         raise StoreError(f"the where expression must be text, not {type(where).__name__}")
     where = " ".join(where.split())
+    if where:
+        _check_one_expression(where)
     return where or None
+
+
+_CLOSERS = {"'": "'", '"': '"', "`": "`", "[": "]"}
+
+
+def _check_one_expression(where: str) -> None:
+    """The expression goes inside the caller's brackets (``AND (WHERE)``), so it must not close
+    them: ``1) OR (1`` would turn the whole filter into an OR and every tile would pass the
+    confidence and bounding-box conditions. Brackets are counted outside string literals, quoted
+    names and comments, the way SQLite's tokenizer reads them; an unterminated literal or
+    comment would swallow what follows and is refused too."""
+    depth, i, n = 0, 0, len(where)
+    while i < n:
+        c = where[i]
+        if c in _CLOSERS:
+            end = where.find(_CLOSERS[c], i + 1)
+            while end != -1 and c != "[" and where.startswith(c * 2, end):  # 'it''s', "a""b"
+                end = where.find(_CLOSERS[c], end + 2)
+            if end == -1:
+                raise StoreError(f"bad --where expression {where!r}: unterminated {c} quote")
+            i = end + 1
+            continue
+        if where.startswith("--", i):  # whitespace was collapsed: a line comment runs to the end
+            break
+        if where.startswith("/*", i):
+            end = where.find("*/", i + 2)
+            if end == -1:
+                raise StoreError(f"bad --where expression {where!r}: unterminated /* comment")
+            i = end + 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                raise StoreError(f"bad --where expression {where!r}: a ')' without its '(' "
+                                 "(the expression must be one expression)")
+        i += 1
+    if depth:
+        raise StoreError(f"bad --where expression {where!r}: {depth} '(' not closed")
 
 
 def check_min_confidence(value) -> float | None:

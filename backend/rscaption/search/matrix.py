@@ -84,6 +84,12 @@ class SearchMatrix:
     source: str = "embeddings"  # or "stored copy": where it was loaded from (benchmarks report it)
     stored: bool = False        # the file holds a current copy (read from it or written now)
     masks: OrderedDict = field(default_factory=OrderedDict)  # filter -> bool [N], for this signature
+    damaged: np.ndarray | None = None  # bool [N]: rows with a NaN or infinite value (never ranked)
+
+    def __post_init__(self):
+        if self.damaged is None and self.rows:
+            bad = ~np.isfinite(self.vectors).all(axis=1)  # one NaN would make every score NaN
+            self.damaged = bad if bad.any() else None
 
     @property
     def rows(self) -> int:

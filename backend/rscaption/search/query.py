@@ -8,6 +8,7 @@ against a query embedded by another gives confident nonsense, which is worse tha
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -16,6 +17,8 @@ import numpy as np
 
 from ..errors import ModelError, StoreError
 from ..store.gpkg import TileStore
+
+log = logging.getLogger("rscaption.search")
 
 
 @dataclass
@@ -130,11 +133,26 @@ def search_queries(gpkg_path: str, queries: list[str], k: int = 10, model=None, 
                 except (ModelError, StoreError) as exc:
                     cap, model_error = None, exc
                 matrix, mask = pending.result()
+        mask = _without_damaged(matrix, mask, gpkg_path)
         if matrix.rows == 0 or (mask is not None and not mask.any()):
             return [[] for _ in queries]  # nothing to rank: no model needed
         if model_error is not None:
             raise model_error
         return _ranked(store, matrix, mask, cap, queries, k, gpkg_path)
+
+
+def _without_damaged(matrix, mask, path):
+    """Leave out rows whose vector has a NaN or infinite value (one warning line): a single one
+    would otherwise make the top-k threshold NaN and every search come back empty."""
+    if matrix.damaged is None:
+        return mask
+    warn_damaged(path, int(np.count_nonzero(matrix.damaged)))
+    return ~matrix.damaged if mask is None else mask & ~matrix.damaged
+
+
+def warn_damaged(path, count: int) -> None:
+    log.warning("warning: %s: %d tile(s) with NaN or infinite embedding values are skipped "
+                "(run 'rscaption check %s --repair')", path, count, path)
 
 
 def _ranked(store, matrix, mask, cap, queries, k, gpkg_path) -> list[list[SearchHit]]:

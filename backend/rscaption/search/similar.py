@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..store.gpkg import TileStore
-from .query import SearchHit, _int_or, rank
+from .query import SearchHit, _int_or, rank, warn_damaged
 
 
 def similar(store: TileStore | str | os.PathLike, tile_id: int, k: int = 10,
@@ -46,7 +46,13 @@ def similar(store: TileStore | str | os.PathLike, tile_id: int, k: int = 10,
         span = f" (its tile ids run {int(tile_ids.min())}..{int(tile_ids.max())})" if len(tile_ids) else ""
         raise StoreError(f"tile {tile_id} is not in {store.path}{span}")
     query = emb[where[0]]
-    keep = tile_ids != tile_id
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite[where[0]]:
+        raise StoreError(f"tile {tile_id} of {store.path} has NaN or infinite embedding values "
+                         f"(run 'rscaption check {store.path} --repair')")
+    keep = (tile_ids != tile_id) & finite
+    if not finite.all():
+        warn_damaged(store.path, int(np.count_nonzero(~finite)))
     if min_confidence:
         keep &= np.array([(attrs.get(int(t), {}).get("confidence") or 0.0) >= float(min_confidence)
                           for t in tile_ids], dtype=bool)

@@ -10,10 +10,11 @@ Modules:
   commits the batch and stays a cancel
 - ``integrity.py``: what ``TileStore.open`` validates (schema, metadata types, embedding size:
   ``StoreError`` naming the file) and the damaged tiles (no caption, missing or wrong-size
-  embedding) that resume redoes
-- ``run_lock.py``: one writer per output: ``RunLock`` holds an OS lock on ``OUT.gpkg.lock`` (PID,
-  host, start time inside for the refusal message), released by the kernel when the holder dies, so
-  a killed run's lock is taken over
+  embedding, NaN or infinite values) that resume redoes
+- ``run_lock.py``: one writer per output: ``RunLock`` holds an OS lock on ``OUT.gpkg.lock`` of the
+  resolved path (PID, host, start time inside for the refusal message; never opened through a
+  symlink), released by the kernel when the holder dies, so a killed run's lock is taken over;
+  ``check_output_path``, the output checks the CLI, the worker and ``caption_raster`` share
 
 Contract (store)::
 

@@ -26,7 +26,30 @@ except ImportError:  # Windows
 
 
 def lock_path(out_gpkg) -> str:
-    return f"{out_gpkg}.lock"
+    """The lock file of the output's resolved path: a symlink and its target (or two spellings of
+    one folder) are one output with one lock, so they get one writer."""
+    return f"{os.path.realpath(os.fspath(out_gpkg))}.lock"
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def check_output_path(out_gpkg, raster_path=None) -> str:
+    """What every caller that writes an output (CLI, worker, plugin, ``caption_raster``) checks
+    before anything is loaded or removed: a ``.gpkg`` name (so ``--overwrite`` can never delete a
+    raster, ``/dev/null`` or any other file), not a folder, not the input raster itself. Raises
+    StoreError in one line; returns the path as text."""
+    out = os.fspath(out_gpkg) if isinstance(out_gpkg, (str, os.PathLike)) else out_gpkg
+    if not isinstance(out, str) or not out.strip():
+        raise StoreError(f"the output must be a .gpkg file path, got {out_gpkg!r}")
+    if not out.lower().endswith(".gpkg"):
+        raise StoreError(f"the output must be a .gpkg file, got {out}")
+    if os.path.isdir(out):  # --overwrite would otherwise try os.remove() on a folder
+        raise StoreError(f"{out} is a directory; give a .gpkg file path for the output")
+    raster = os.fspath(raster_path) if isinstance(raster_path, (str, os.PathLike)) else None
+    if raster and os.path.exists(out) and os.path.exists(raster) and os.path.samefile(out, raster):
+        raise StoreError(f"the output {out} is the input raster; choose another .gpkg file")
+    return out
 
 
 def _try_lock(fd: int) -> bool:
@@ -81,10 +104,15 @@ class RunLock:
     def acquire(self) -> "RunLock":
         for _ in range(10):  # the holder may unlink the file between our open and our lock
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                if os.path.islink(self.path):  # Windows has no O_NOFOLLOW: refuse what we can see
+                    raise OSError(errno.ELOOP, "is a symbolic link")
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
             except FileNotFoundError:
                 raise StoreError(f"cannot write {self.out}: its folder does not exist") from None
             except OSError as exc:
+                if exc.errno == errno.ELOOP or os.path.islink(self.path):  # never write through a link
+                    raise StoreError(f"cannot lock {self.out}: its lock file {self.path} is a symbolic link; "
+                                     "remove it (rscaption never writes through one)") from None
                 raise StoreError(f"cannot write {self.out}: {exc.strerror or exc} "
                                  f"(in {os.path.dirname(os.path.abspath(self.out))})") from None
             if not _try_lock(fd):
