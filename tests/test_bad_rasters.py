@@ -295,7 +295,8 @@ def test_one_pixel_raster(tmp_path, capsys, tiny_model_dir):
                            "(see rscaption caption --help)"),
     (["--nodata-threshold", "2"], "rscaption: error: nodata threshold must be in (0, 1], got 2.0"),
     (["--nodata-threshold", "0"], "rscaption: error: nodata threshold must be in (0, 1], got 0.0"),
-    (["--resolution", "-1"], "rscaption: error: target resolution must be > 0, got -1.0"),
+    (["--resolution", "-1"], "rscaption caption: error: argument --resolution: must be a finite number above 0, "
+                             "got -1 (see rscaption caption --help)"),
     (["--extent", "500064", "3999936", "500000", "4000000"],
      "rscaption: error: extent must have minx < maxx and miny < maxy, got (500064.0, 3999936.0, 500000.0, 4000000.0)"),
     (["--extent", "0", "0", "10", "10"],

@@ -18,7 +18,7 @@ MAX_LINES = 520
 # backend/rscaption/: what may sit at the top, beside the rooms (packages)
 ENTRY_POINTS = {"cli", "worker", "demo", "bench_gpu"}  # bench_gpu: the `python -m rscaption.bench_gpu` shim
 PROTOCOL = {"protocol"}  # the worker's NDJSON protocol: imports nothing; the worker and the plugin's client share it
-FOUNDATION = {"errors", "device"}  # anyone may import these two; they import no room
+FOUNDATION = {"errors", "device", "limits"}  # anyone may import these; they import no room
 BACKEND_ROOMS = {"raster", "store", "engine", "search", "bench", "data", "models", "training", "evaluation"}
 
 # room -> the rooms it may import (its own room always). Read down the story of a tile: a raster

@@ -14,9 +14,11 @@ import sys
 
 from . import __version__
 from .errors import RscaptionError
+from .limits import bounded_int, positive_finite
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a pipeline's writer cut short
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _csv_ints(text: str) -> tuple[int, ...]:
     try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
+        vals = tuple(int(v) for v in text.split(","))  # an empty entry (1,,2) is a typo, not a skip
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated band numbers like 1,2,3, got {text!r}")
     if not vals or min(vals) < 1:
@@ -36,15 +38,16 @@ def _csv_ints(text: str) -> tuple[int, ...]:
     return vals
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
 def _tile_size(text: str):
-    return "auto" if text.strip().lower() == "auto" else _positive(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels or 'auto', got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v  # the upper bound (limits.MAX_TILE_PX) is the tiler's, so the worker and plugin get it too
 
 
 def _add_caption(sub):
@@ -59,12 +62,12 @@ def _add_caption(sub):
     p.add_argument("--bands", type=_csv_ints, default=None, help="1-based bands, e.g. 1,2,3 (default: RGB)")
     p.add_argument("--extent", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"),
                    help="only tile this extent (in the raster's CRS)")
-    p.add_argument("--resolution", type=float, default=None,
+    p.add_argument("--resolution", type=positive_finite, default=None,
                    help="resample to this ground resolution (raster CRS units per pixel)")
     p.add_argument("--nodata-threshold", type=float, default=0.95,
                    help="skip tiles with at least this fraction of nodata (default 0.95)")
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--beam-size", type=_positive, default=None, help="beam width (default: the model's)")
+    p.add_argument("--batch-size", type=bounded_int("batch_size"), default=8)
+    p.add_argument("--beam-size", type=bounded_int("beam_size"), default=None, help="beam width (default: the model's)")
     p.add_argument("--language", default="en", help="caption language: en or another the model has, e.g. zh")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
@@ -103,6 +106,9 @@ def cmd_caption(args) -> int:
     from .store.run_lock import check_output_path
 
     check_output_path(args.output, args.raster)  # the worker and caption_raster run the same checks
+    if args.no_resume and os.path.exists(args.output):  # in the words of this command line (no --resume)
+        raise RscaptionError(f"{args.output} exists and --no-resume was given; pass --overwrite to replace it "
+                             "or leave out --no-resume to continue it")
     cap = load_model(args.model, device=args.device, precision=args.precision)
     card = cap.card or {}
     choice = tile_choice_for(cap, args.raster, args.tile_size, args.resolution)
@@ -172,7 +178,7 @@ def _add_similar(sub):
     p = sub.add_parser("similar", help="rank the tiles of a captioned GeoPackage by likeness to one of its tiles")
     p.add_argument("gpkg")
     p.add_argument("tile_id", type=int, help="the tile to match (its tile_id attribute); it is not listed itself")
-    p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
+    p.add_argument("-k", type=bounded_int("k"), default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_similar)
 
@@ -277,13 +283,30 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_logging()
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed reader (`| head -1`) shows here, not in the interpreter's exit
+        return rc
+    except BrokenPipeError:
+        return _reader_gone()
     except RscaptionError as e:
         print(f"rscaption: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("rscaption: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (``rscaption search G q --json | head -1``): stop quietly,
+    like a tool killed by SIGPIPE (exit 141), with stdout pointed at /dev/null so the interpreter's
+    own final flush finds nothing to complain about."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (a test's capture)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def _quiet_logging() -> None:

@@ -31,6 +31,7 @@ import traceback
 
 from . import __version__
 from .errors import RscaptionError
+from .limits import check as check_limits
 from .protocol import PROTOCOL_VERSION, ProtocolError, clean_float, encode_message, parse_request
 
 log = logging.getLogger("rscaption.worker")
@@ -175,6 +176,7 @@ class Worker:
         started = time.time()
         try:
             handler = getattr(self, f"_do_{cmd}")
+            check_limits(req)  # the CLI's bounds (beam, batch, k, resolution): one error, not 4 GB or a traceback
             summary = handler(req)
             summary = dict(summary or {})
             summary.setdefault("seconds", round(time.time() - started, 3))

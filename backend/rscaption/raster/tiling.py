@@ -65,6 +65,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from ..errors import RasterError
+from ..limits import MAX_TILE_PX  # the bound of a tile, in limits' one table
 from .paths import check_raster_path, worker_path
 from .stretch import identity, percentile_stretch, sample_shape
 
@@ -144,7 +145,6 @@ def _offsets(start: int, length: int, size: int, stride: int) -> list[tuple[int,
 
 
 # Tile-size limits (pixels): a tile is one array in memory, and padding beyond the raster is waste.
-MAX_TILE_PX = 8192          # 8192^2 x 3 bytes = 192 MiB per tile before the batch and model copies
 TILE_OVER_RASTER = 4        # a tile may be up to this many times the raster's larger side ...
 PADDING_FREE_TILE_PX = 2048  # ... and always up to this (tiny rasters with the card's tile size)
 

@@ -12,15 +12,9 @@ import json
 import sys
 
 from ..errors import RscaptionError
+from ..limits import bounded_int
 
 MAX_QUERY_FILE_BYTES = 16 * 1024 * 1024
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +22,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", nargs="?", default=None, help="the text to look for (or use --queries)")
     p.add_argument("--queries", metavar="FILE", default=None,
                    help="a text file with one query per line ('-': standard input); one model load for all")
-    p.add_argument("-k", type=_positive, default=10, help="number of results per query (default 10)")
+    p.add_argument("-k", type=bounded_int("k"), default=10, help="number of results per query (default 10)")
     p.add_argument("--model", default=None, help="override the model recorded in the file (hash must match)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true",
@@ -44,36 +38,44 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
 
 
 def read_queries(path: str) -> list[str]:
-    """Non-blank lines of a queries file, stripped; a missing, unreadable or empty file is one line."""
+    """Non-blank lines of a queries file, stripped; a missing, unreadable, empty or too large file
+    (a device such as /dev/zero, a pipe, standard input included) is one line. At most
+    MAX_QUERY_FILE_BYTES + 1 bytes are ever read, whatever the source."""
+    import os
+
     if path == "-":
-        text = sys.stdin.read()
+        stream = getattr(sys.stdin, "buffer", None)
+        raw = stream.read(MAX_QUERY_FILE_BYTES + 1) if stream is not None else \
+            sys.stdin.read(MAX_QUERY_FILE_BYTES + 1).encode("utf-8", "surrogateescape")
         where = "standard input"
     else:
-        import os
-
         if not os.path.exists(path):
             raise RscaptionError(f"queries file not found: {path}")
         if os.path.isdir(path):
             raise RscaptionError(f"{path} is a directory, not a queries file")
-        if os.path.getsize(path) > MAX_QUERY_FILE_BYTES:
-            raise RscaptionError(f"queries file {path} is larger than 16 MB; is it really one query per line?")
         try:
-            with open(path, encoding="utf-8-sig") as fh:
-                text = fh.read()
-        except UnicodeDecodeError:
-            raise RscaptionError(f"queries file {path} is not UTF-8 text") from None
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_QUERY_FILE_BYTES + 1)  # getsize says 0 for a device or a pipe
         except OSError as exc:
             raise RscaptionError(f"cannot read queries file {path}: {exc.strerror}") from None
-        where = path
+        where = f"queries file {path}"
+    if len(raw) > MAX_QUERY_FILE_BYTES:
+        raise RscaptionError(f"{where} is larger than 16 MB; is it really one query per line?")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise RscaptionError(f"{where} is not UTF-8 text") from None
     queries = [line.strip() for line in text.splitlines() if line.strip()]
     if not queries:
-        raise RscaptionError(f"queries file {where} has no queries (expected one per line)")
+        raise RscaptionError(f"{where} has no queries (expected one per line)")
     return queries
 
 
 def run_search(args) -> int:
     from .query import search_queries
 
+    if args.query is not None and not args.query.strip():
+        raise RscaptionError("the search query is empty")
     queries = ([args.query] if args.query else []) + (read_queries(args.queries) if args.queries else [])
     if not queries:
         message = "the following arguments are required: query or --queries FILE"
