@@ -483,3 +483,35 @@ def test_low_confidence_tiles_are_drawn_apart(qgis_new_project, graded):
         renderer.stopRender(ctx)
     # low-confidence tiles carry the extra hatch layer; confident ones a single outline
     assert seen == {False: {1}, True: {2}}
+
+
+def test_in_process_rasterio_recovers_from_another_proj_database(tmp_path):
+    """QGIS 3.44 on Debian sid: QGIS's PROJ (9.9) answered rasterio's calls and refused the proj.db
+    of rasterio's wheel (layout 1.6 < 1.7). Made here for real: rasterio pointed at a proj.db whose
+    layout no PROJ in this process accepts; share_proj_database finds a folder that works."""
+    bad = tmp_path / "proj"
+    code = textwrap.dedent(f"""
+        import shutil, sqlite3, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from rasterio.crs import CRS
+        from rasterio.env import PROJDataFinder, set_proj_data_search_path
+        from rscaption_plugin.core.inprocess_guard import share_proj_database
+        shutil.copytree(PROJDataFinder().search_wheel(), {str(bad)!r})
+        con = sqlite3.connect({str(bad / "proj.db")!r})
+        con.execute("UPDATE metadata SET value = '0' WHERE key = 'DATABASE.LAYOUT.VERSION.MINOR'")
+        con.commit(); con.close()
+        set_proj_data_search_path({str(bad)!r})
+        try:
+            CRS.from_epsg(32614).to_epsg()
+            raise SystemExit("the broken proj.db was accepted")
+        except Exception as exc:
+            assert "DATABASE.LAYOUT.VERSION" in str(exc), exc
+        print("SWITCHED", share_proj_database())
+        print("EPSG", CRS.from_epsg(32614).to_epsg())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    switched = proc.stdout.split("SWITCHED ")[1].splitlines()[0]
+    assert switched != "None" and os.path.isfile(os.path.join(switched, "proj.db"))
+    assert "EPSG 32614" in proc.stdout

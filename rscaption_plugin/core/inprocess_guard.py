@@ -46,3 +46,37 @@ def compilers_loaded() -> list[str]:
     """Names of the refused compiler modules actually loaded in this process (for tests, diagnostics)."""
     return sorted(name for name, module in list(sys.modules.items())
                   if module is not None and (name.split(".")[0] in REFUSED or name in COMPILER_MODULES))
+
+
+#: What PROJ says when a proj.db from another PROJ release is opened.
+PROJ_DB_MISMATCH = ("DATABASE.LAYOUT.VERSION", "another PROJ installation")
+
+
+def share_proj_database() -> str | None:
+    """Inside the QGIS desktop, rasterio's own PROJ calls can land in QGIS's PROJ (the executable
+    links PROJ, and its symbols come first), which then reads the proj.db that rasterio's wheel ships.
+    When that PROJ is newer than the wheel's (QGIS 3.44 on Debian sid: PROJ 9.9 against 9.7) every
+    read fails with "proj.db ... comes from another PROJ installation". Probe one CRS lookup; on
+    that error point rasterio at QGIS's own PROJ data, which is what the running PROJ expects (then,
+    failing that, at the wheel's own). Returns the folder switched to, else None (no mismatch:
+    nothing changes, or no folder helped)."""
+    from rasterio.crs import CRS
+    from rasterio.env import PROJDataFinder, set_proj_data_search_path
+
+    def mismatch() -> bool:
+        try:
+            CRS.from_epsg(32614).to_epsg()
+        except Exception as exc:  # rasterio wraps PROJ's message in a CRSError or a CPLE error
+            return any(text in str(exc) for text in PROJ_DB_MISMATCH)
+        return False
+
+    if not mismatch():
+        return None
+    from qgis.core import QgsProjUtils
+
+    for folder in [*QgsProjUtils.searchPaths(), PROJDataFinder().search_wheel()]:
+        if folder and os.path.isfile(os.path.join(folder, "proj.db")):
+            set_proj_data_search_path(folder)
+            if not mismatch():
+                return folder
+    return None

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .inprocess_guard import guard_inprocess
+from .inprocess_guard import guard_inprocess, share_proj_database
 from .paths import ensure_backend_on_path, resolve_model, torch_importable
 from .wording import gui_wording
 
@@ -109,6 +109,8 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
     guard_inprocess()  # before torch: its optional compilers crash the QGIS desktop process
     ensure_backend_on_path()
     import torch  # noqa: F401  (here, on the task thread; never at plugin load)
+
+    share_proj_database()
     from rscaption.errors import RscaptionError
     from rscaption.engine.pipeline import caption_raster, tile_choice_for
     from rscaption.raster.tiling import TilingParams
