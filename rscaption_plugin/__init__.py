@@ -7,6 +7,7 @@ Modules:
 
 - ``plugin.py``: the object QGIS creates: actions, menu, toolbar, dock, Processing provider
 - ``processing_provider.py``: ``rscaption:caption`` and ``rscaption:search`` Processing algorithms
+  (and ``rscaption:change``, from ``core/change_algorithm.py``)
 """
 
 

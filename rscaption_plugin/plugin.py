@@ -28,6 +28,8 @@ class RscaptionPlugin:
         self.provider = None
         self.layer_actions = None  # "Find similar tiles" in the layer and feature context menus
         self.runs: list = []  # CaptionRun objects, kept alive while their task runs
+        self._setup_dialog = None  # one "Set up backend" dialog: reopening shows a running install
+        self.backend_notice = None  # the message bar item saying no backend is set up yet
 
     # -- QGIS hooks --------------------------------------------------------------------------------
     def initProcessing(self):
@@ -43,6 +45,7 @@ class RscaptionPlugin:
         self.caption_action = self._action("caption.svg", "Caption raster layer…", self.show_caption_dialog, toolbar=True)
         self.search_action = self._action("search.svg", "Search captioned tiles", self.toggle_dock, toolbar=True)
         self.search_action.setCheckable(True)
+        self.change_action = self._action("change.svg", "Compare two dates…", self.show_change_dialog, toolbar=True)
         self.export_action = self._action("export.svg", "Export captioned tiles…", self.export_active_layer)
         self.setup_action = self._action("setup.svg", "Set up backend…", self.show_setup_dialog)
         self.settings_action = self._action("settings.svg", "Settings…", self.show_settings_dialog)
@@ -57,10 +60,44 @@ class RscaptionPlugin:
         from .ui.layer_actions import SimilarTileActions
 
         self.layer_actions = SimilarTileActions(self.iface, self.dock, self.show_dock)
+        self._announce_missing_backend()
+
+    def _announce_missing_backend(self) -> None:
+        """Nothing can caption or search until a backend exists: say so when QGIS starts, with the
+        button that makes one, rather than first in the caption dialog."""
+        from .ui.dialog_state import backend_missing
+
+        if not backend_missing():
+            return
+        from qgis.PyQt.QtWidgets import QPushButton
+
+        from .core.setup_plan import install_plan
+        from .core.paths import requirements_file
+
+        plan = install_plan(requirements_file())
+        bar = self.iface.messageBar()
+        item = bar.createMessage("rscaption", "no backend yet: QGIS's Python has no torch, and captioning and "
+                                 f"search need it. Set up backend installs one (about {plan.download_gb:.1f} GB "
+                                 "to download), or choose a Python with rscaption's requirements in Settings.")
+        button = QPushButton("Set up backend…")
+        button.clicked.connect(lambda *_: self.show_setup_dialog())
+        item.layout().addWidget(button)
+        bar.pushWidget(item, Qgis.MessageLevel.Info, 0)
+        self.backend_notice = item
 
     def unload(self):
         for run in list(self.runs):
             run.cancel()
+        if self.backend_notice is not None:  # its button would call an unloaded plugin
+            try:
+                self.iface.messageBar().popWidget(self.backend_notice)
+            except RuntimeError:
+                pass
+            self.backend_notice = None
+        if self._setup_dialog is not None:
+            self._setup_dialog.stop()  # a pip killed here leaves a folder that Start redoes
+            self._setup_dialog.deleteLater()
+            self._setup_dialog = None
         for action in self.actions:
             self.iface.removePluginRasterMenu(MENU, action)
             self.iface.removeToolBarIcon(action)
@@ -122,6 +159,34 @@ class RscaptionPlugin:
         self.runs.append(run)
         return run.start()
 
+    # -- change between two dates ----------------------------------------------------------------------
+    def show_change_dialog(self):
+        from .ui.change_dialog import ChangeDialog
+
+        dlg = ChangeDialog(self.iface)
+        if dlg.exec() and dlg.request is not None:
+            self.start_change(dlg.request)
+
+    def start_change(self, request, on_done=None):
+        """Start a comparison; returns the ChangeRun. Its change layer goes to the dock, which
+        then lists the most changed tiles."""
+        from .ui.change_run import ChangeRun
+
+        def finished(run):
+            if run in self.runs:
+                self.runs.remove(run)
+            LAST_BACKEND.update(run.backend)
+            if run.layer is not None and self.dock is not None:
+                self.dock.set_layer(run.layer)
+                self.dock.change_panel.set_layer(run.layer)  # also when the combo already showed it
+                self.show_dock()
+            if on_done is not None:
+                on_done(run)
+
+        run = ChangeRun(request, self.iface, on_done=finished)
+        self.runs.append(run)
+        return run.start()
+
     # -- search --------------------------------------------------------------------------------------
     def toggle_dock(self):
         if self.dock is None:
@@ -168,6 +233,9 @@ class RscaptionPlugin:
         SettingsDialog(self.iface.mainWindow()).exec()
 
     def show_setup_dialog(self):
+        """One dialog per session: closing its window leaves an install running, and reopening it
+        shows that install's progress instead of a blank dialog whose Start would begin a second
+        pip into the same folder."""
         from .core.settings import PluginSettings
         from .ui.setup_backend import SetupBackendDialog
 
@@ -177,8 +245,30 @@ class RscaptionPlugin:
                 s.backend_python = python
                 s.save()
 
-        self._setup_dialog = SetupBackendDialog(self.iface.mainWindow(), on_success=use)
+        if self._setup_dialog is None:
+            self._setup_dialog = SetupBackendDialog(self.iface.mainWindow(), on_success=use,
+                                                    on_done=self._setup_done)
         self._setup_dialog.show()
+        self._setup_dialog.raise_()
+        return self._setup_dialog
+
+    def _setup_done(self, ok: bool, message: str) -> None:
+        """The end of an install, where the person is looking even with the dialog closed."""
+        if ok and self.backend_notice is not None:
+            try:
+                self.iface.messageBar().popWidget(self.backend_notice)
+            except RuntimeError:  # already closed by the person
+                pass
+            self.backend_notice = None
+        from .core.settings import PluginSettings
+
+        python = PluginSettings.load().python()
+        uses = ("captioning and search use it now" if python and python in message
+                else f"Settings still name {python}: empty its Backend Python field to use the new one")
+        text = (f"Set up backend finished: {message}; {uses}" if ok
+                else f"Set up backend failed: {message} (Raster > rscaption > Set up backend… shows the log)")
+        self.iface.messageBar().pushMessage("rscaption", text, Qgis.MessageLevel.Success if ok
+                                            else Qgis.MessageLevel.Critical, 0 if not ok else 10)
 
     def show_about_dialog(self):
         from .ui.diagnostics import AboutDialog

@@ -1,4 +1,5 @@
-"""Processing provider: ``rscaption:caption`` and ``rscaption:search``.
+"""Processing provider: ``rscaption:caption`` and ``rscaption:search`` (and ``rscaption:change``, in
+``core/change_algorithm.py``).
 
 Makes the plugin scriptable (``processing.run``), usable in the graphical modeler and in
 ``qgis_process``. Processing already runs algorithms off the GUI thread, so the algorithms call
@@ -289,3 +290,6 @@ class RscaptionProvider(QgsProcessingProvider):
     def loadAlgorithms(self):
         self.addAlgorithm(CaptionAlgorithm())
         self.addAlgorithm(SearchAlgorithm())
+        from .core.change_algorithm import ChangeAlgorithm  # rscaption:change, in its own module
+
+        self.addAlgorithm(ChangeAlgorithm())

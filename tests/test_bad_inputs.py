@@ -210,4 +210,5 @@ def test_console_script_prints_one_line_for_an_argument_error():
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
-        "rscaption caption: error: argument --overlap: invalid int value: 'x' (see rscaption caption --help)"]
+        "rscaption caption: error: argument --overlap: expected a whole number from 0 to 8,191, got 'x' "
+        "(see rscaption caption --help)"]

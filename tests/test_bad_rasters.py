@@ -288,7 +288,8 @@ def test_one_pixel_raster(tmp_path, capsys, tiny_model_dir):
 # -- options out of range -----------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, said", [
     (["--overlap", "32"], "rscaption: error: --overlap must be between 0 and tile size - 1 (31)"),
-    (["--overlap", "-1"], "rscaption: error: --overlap must be between 0 and tile size - 1 (31)"),
+    (["--overlap", "-1"], "rscaption caption: error: argument --overlap: must be from 0 to 8,191, got -1 "
+                          "(see rscaption caption --help)"),
     (["--batch-size", "0"], "rscaption caption: error: argument --batch-size: must be a positive integer, got 0 "
                             "(see rscaption caption --help)"),
     (["--beam-size", "0"], "rscaption caption: error: argument --beam-size: must be a positive integer, got 0 "

@@ -201,7 +201,7 @@ def test_broken_checkpoints(tmp_path, tiny_oc):
 def test_hub_names_offline(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    with pytest.raises(ModelError, match="not available offline; pass a checkpoint directory"):
+    with pytest.raises(ModelError, match="not available offline: it is not in the local Hugging Face cache"):
         load_model(name)
 
 

@@ -187,7 +187,7 @@ def test_previous_next_and_clicking_a_result_zoom_to_that_tile(plugin, captioned
         centre = tile_feature(layer, dock.hits[row]["tile_id"]).geometry().boundingBox().center()
         return canvas.extent().center().distance(centre) < 1e-6 * max(1.0, canvas.extent().width()) + 1e-3
 
-    assert dock.results.currentRow() == 0 and centred_on(0)
+    assert dock.results.currentRow() == 0 and not centred_on(0)  # the overview stays until asked (issue 22)
     click(dock.next_button)
     assert dock.results.currentRow() == 1 and centred_on(1)
     click(dock.next_button)
@@ -225,7 +225,7 @@ def test_similar_button_ranks_by_the_selected_tile(plugin, captioned):  # noqa: 
     want = [h.tile_id for h in similar(str(captioned), query, k=5)]
     assert [h["tile_id"] for h in dock.hits] == shown_tiles(dock) == want and query not in want
     assert f"like tile {query}" in dock.status.text()
-    assert {f["tile_id"] for f in layer.selectedFeatures()} == set(want)  # hits highlighted like search
+    assert [f["tile_id"] for f in layer.selectedFeatures()] == want[:1]  # the current hit, as after a search
     assert dock.results.currentRow() == 0
 
     # with the dock's own hits selected, the highlighted result is the tile to match

@@ -19,7 +19,8 @@ MAX_LINES = 520
 ENTRY_POINTS = {"cli", "worker", "demo", "bench_gpu"}  # bench_gpu: the `python -m rscaption.bench_gpu` shim
 PROTOCOL = {"protocol"}  # the worker's NDJSON protocol: imports nothing; the worker and the plugin's client share it
 FOUNDATION = {"errors", "device", "limits"}  # anyone may import these; they import no room
-BACKEND_ROOMS = {"raster", "store", "engine", "search", "bench", "data", "models", "training", "evaluation"}
+BACKEND_ROOMS = {"raster", "store", "engine", "search", "bench", "data", "models", "training", "evaluation",
+                 "change"}
 
 # room -> the rooms it may import (its own room always). Read down the story of a tile: a raster
 # becomes tiles (raster), the engine runs them through the models into the store, search reads
@@ -36,7 +37,9 @@ ALLOWED = {
     "search": {"foundation", "store", "models"},
     "evaluation": {"foundation", "data", "models", "raster"},
     "training": {"foundation", "data", "models", "evaluation", "raster"},
-    "bench": {"foundation", "raster", "store", "engine", "search", "models", "data"},
+    # change: two dates through the engine, scored with the models, searched; only entry points and bench import it
+    "change": {"foundation", "engine", "raster", "store", "models", "search", "data"},
+    "bench": {"foundation", "raster", "store", "engine", "search", "models", "data", "change"},
     "protocol": set(),
     "entry": {"entry", "protocol", "foundation", *BACKEND_ROOMS},
     # the plugin: plugin.py / processing_provider.py (QGIS's ways in) -> ui -> core -> the backend

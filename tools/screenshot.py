@@ -3,6 +3,9 @@
 captioned tile layer over a shared GeoTIFF and the search dock showing ranked results.
 
     .venv/bin/python tools/screenshot.py [--raster PATH] [--query TEXT] [--model default|DIR]
+    .venv/bin/python tools/screenshot.py --change CHANGES.gpkg [--before PATH] [--raster PATH]
+    .venv/bin/python tools/screenshot.py --no-match     # docs/screenshot_no_match.png ("houses" on farmland)
+    .venv/bin/python tools/screenshot.py --cli-file     # docs/screenshot_cli_file.png (a CLI file, no plugin)
 
 Steps: package + install the plugin into a throw-away QGIS profile, start ``qgis --code`` under
 ``xvfb-run``, where a script loads the raster, starts the plugin, captions the raster through the
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 DEFAULT_RASTER = ROOT.parent / "shared" / "data" / "geotiff" / "m_4709963_se_14_1_20200831.tif"
+DEFAULT_BEFORE = ROOT.parent / "shared" / "data" / "geotiff" / "m_4709963_se_14_1_20090818.tif"
 
 SHOT = textwrap.dedent(r"""
     import json, sys, time
@@ -113,6 +118,130 @@ SHOT = textwrap.dedent(r"""
     QTimer.singleShot(3000, poll)
 """)
 
+# --change GPKG: the two dates under a change layer (styled by the plugin) and the dock's "most
+# changed" list with the first tile's before/after pair; the whole raster stays in view.
+SHOT_CHANGE = textwrap.dedent(r"""
+    import json, time
+    from qgis.core import QgsProject, QgsRasterLayer, QgsSettings
+    from qgis.PyQt.QtCore import QTimer
+    from qgis.PyQt.QtWidgets import QApplication, QDockWidget
+    import qgis.utils
+    from qgis.utils import iface
+
+    CFG = json.loads(__CFG__)
+    s = QgsSettings()  # a backend is set up, as on a user's machine (no "set up backend" prompt)
+    s.setValue("rscaption/backend_mode", "subprocess")
+    s.setValue("rscaption/backend_python", CFG["python"])
+    layers = []
+    for path, name in ((CFG["before"], CFG["before_name"]), (CFG["raster"], CFG["after_name"])):
+        raster = QgsRasterLayer(path, name)
+        r = raster.renderer()
+        if raster.bandCount() >= 3 and hasattr(r, "setRedBand"):
+            r.setRedBand(1); r.setGreenBand(2); r.setBlueBand(3)
+        QgsProject.instance().addMapLayer(raster)
+        layers.append(raster)
+    QgsProject.instance().layerTreeRoot().findLayer(layers[0].id()).setItemVisibilityChecked(False)
+    qgis.utils.loadPlugin("rscaption_plugin")
+    qgis.utils.startPlugin("rscaption_plugin")
+    plugin = qgis.utils.plugins["rscaption_plugin"]
+    from rscaption_plugin.core.change_layers import open_change_layer
+    changes = open_change_layer(CFG["change"], CFG["change_name"])
+    QgsProject.instance().addMapLayer(changes)
+    iface.setActiveLayer(changes)
+    for d in iface.mainWindow().findChildren(QDockWidget):
+        if d.objectName() in ("Browser", "Browser2", "AdvancedDigitizingTools", "ProcessingToolbox"):
+            d.hide()
+    iface.mainWindow().showNormal()
+    iface.mainWindow().setGeometry(0, 0, CFG["width"], CFG["height"])
+    dock = plugin.dock
+    plugin.toggle_dock()
+    dock.set_layer(changes)
+    dock.setMinimumWidth(430)
+    canvas = iface.mapCanvas()
+
+    def shoot():
+        iface.mainWindow().grab().save(CFG["out"], "PNG")
+        panel = dock.change_panel
+        print("SHOT", CFG["out"], "listed", len(panel.tiles), "pair", panel.pair_label.text(), flush=True)
+        QgsProject.instance().clear()
+        QApplication.instance().quit()
+
+    def show():
+        panel = dock.change_panel
+        if panel.tiles:
+            panel.list.setCurrentRow(0)  # selects the most changed tile and shows its pair
+        canvas.setExtent(layers[1].extent())
+        canvas.refresh()
+        QTimer.singleShot(3000, shoot)
+
+    QTimer.singleShot(2500, show)
+""")
+
+# --cli-file: a GeoPackage made by ``rscaption caption`` (no plugin anywhere near it) opened with
+# Add Vector Layer in a plain QGIS: the style, labels and two-decimal confidence come from the
+# file's own layer_styles row, written by the backend. The plugin is installed but never started.
+SHOT_CLI = textwrap.dedent(r"""
+    import json
+    from qgis.core import QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings
+    from qgis.PyQt.QtCore import QTimer
+    from qgis.PyQt.QtWidgets import QApplication, QDockWidget
+    from qgis.utils import iface
+
+    CFG = json.loads(__CFG__)
+    raster = QgsRasterLayer(CFG["raster"], "NAIP 2020 (shared GeoTIFF)")
+    r = raster.renderer()
+    if raster.bandCount() >= 3 and hasattr(r, "setRedBand"):
+        r.setRedBand(1); r.setGreenBand(2); r.setBlueBand(3)
+    QgsProject.instance().addMapLayer(raster)
+    QgsProject.instance().setCrs(raster.crs())  # a fresh profile's EPSG:4326 would ask for a datum transform
+    tiles = iface.addVectorLayer(CFG["gpkg"] + "|layername=tiles", "made by the CLI", "ogr")  # Add Vector Layer
+    for d in iface.mainWindow().findChildren(QDockWidget):
+        if d.objectName() in ("Browser", "Browser2", "AdvancedDigitizingTools", "ProcessingToolbox"):
+            d.hide()
+    iface.mainWindow().showNormal()
+    iface.mainWindow().setGeometry(0, 0, CFG["width"], CFG["height"])
+    QgsSettings().setValue("qgis/dockAttributeTable", True)  # the table beside the map, in the shot
+    canvas = iface.mapCanvas()
+
+    def show():
+        # the east edge, a few tiles down: outlines, labels, the hatched low-confidence tiles and the
+        # narrow last column (the part of its window the column before it does not cover)
+        e, step = tiles.extent(), CFG["tile_m"]
+        canvas.setExtent(QgsRectangle(e.xMaximum() - 4.6 * step, e.yMaximum() - 5.3 * step, e.xMaximum() + 0.05 * step,
+                                      e.yMaximum() - 2.75 * step))
+        canvas.refresh()
+        iface.showAttributeTable(tiles)
+        QTimer.singleShot(3500, shoot)
+
+    def shoot():
+        iface.mainWindow().grab().save(CFG["out"], "PNG")
+        print("SHOT", CFG["out"], "renderer", tiles.renderer().type(), "labels", tiles.labelsEnabled(),
+              "scale", round(canvas.scale()), flush=True)
+        QgsProject.instance().clear()
+        QApplication.instance().quit()
+
+    QTimer.singleShot(2500, show)
+""")
+
+
+def make_captions(raster: str, out: str, model: str, python: str) -> None:
+    """``rscaption caption`` through the CLI, as a server makes the file (--cli-file)."""
+    cmd = [python, "-m", "rscaption.cli", "caption", raster, "-o", out, "--model", model, "--bands", "1,2,3", "-q"]
+    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "backend"), HF_HUB_OFFLINE="1"))
+
+
+def _year(path: str) -> str:
+    import re
+
+    found = re.findall(r"(?<!\d)((?:19|20)\d{2})(?:\d{4})?(?!\d)", Path(path).stem)
+    return found[-1] if found else Path(path).stem
+
+
+def make_change(before: str, after: str, out: str, model: str, python: str) -> None:
+    """``rscaption change`` through the CLI, as a user makes the file the screenshot shows."""
+    cmd = [python, "-m", "rscaption.cli", "change", before, after, "-o", out, "--model", model, "-q"]
+    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "backend"), HF_HUB_OFFLINE="1"))
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,7 +252,26 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
     p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
+    p.add_argument("--change", default=None, metavar="GPKG",
+                   help="show this change GeoPackage (rscaption change) over --before and --raster (the after "
+                        "date) with the dock's most changed tiles; made first with the CLI when it does not exist")
+    p.add_argument("--before", default=str(DEFAULT_BEFORE), help="the before date's raster (with --change)")
+    p.add_argument("--no-match", action="store_true",
+                   help="search 'houses' on the farm scene: the dock's \"no good match\" line "
+                        "(docs/screenshot_no_match.png)")
+    p.add_argument("--cli-file", action="store_true",
+                   help="caption with the CLI, then open the file in a QGIS without the plugin: the style "
+                        "the backend wrote (docs/screenshot_cli_file.png)")
     args = p.parse_args(argv)
+    if args.no_match:
+        args.query = "houses" if args.query == "green farmland" else args.query
+        args.k = max(args.k, 10)
+        if args.out == str(ROOT / "docs" / "screenshot.png"):
+            args.out = str(ROOT / "docs" / "screenshot_no_match.png")
+    if args.cli_file and args.out == str(ROOT / "docs" / "screenshot.png"):
+        args.out = str(ROOT / "docs" / "screenshot_cli_file.png")
+    if args.change and args.out == str(ROOT / "docs" / "screenshot.png"):
+        args.out = str(ROOT / "docs" / "screenshot_change.png")
     if not Path(args.raster).is_file():
         print(f"raster not found: {args.raster} (needs ../shared/data)")
         return 2
@@ -154,8 +302,22 @@ def main(argv=None) -> int:
     cfg = {"raster": args.raster, "gpkg": gpkg, "python": args.python, "query": args.query, "k": args.k,
            "out": str(raw), "width": 1600, "height": 1000,
            "model": model, "tile_size": args.tile_size}
+    script = SHOT
+    if args.change:
+        if not Path(args.change).is_file():
+            make_change(args.before, args.raster, args.change, model, args.python)
+        cfg.update(change=str(Path(args.change).resolve()), before=args.before, change_name="changes",
+                   before_name=f"before ({_year(args.before)})", after_name=f"after ({_year(args.raster)})")
+        script = SHOT_CHANGE
+    if args.cli_file:
+        make_captions(args.raster, gpkg, model, args.python)
+        con = sqlite3.connect(gpkg)
+        cfg["tile_m"] = json.loads(con.execute("SELECT value FROM rscaption_metadata WHERE key = 'tile_footprint'")
+                                   .fetchone()[0])["footprint_m"]
+        con.close()
+        script = SHOT_CLI
     shot = work / "shot.py"
-    shot.write_text(SHOT.replace("__CFG__", repr(json.dumps(cfg))), encoding="utf-8")
+    shot.write_text(script.replace("__CFG__", repr(json.dumps(cfg))), encoding="utf-8")
     # GDAL_PAM_ENABLED=NO: QGIS computes the raster layer's statistics for its renderer and would
     # save them as RASTER.aux.xml beside the shared input
     env = dict(os.environ, HOME=str(home), HF_HUB_OFFLINE="1", GDAL_PAM_ENABLED="NO")

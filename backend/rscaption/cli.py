@@ -1,8 +1,8 @@
-"""`rscaption` command line: caption, search, similar, info, train, evaluate, serve.
+"""`rscaption` command line: caption, search, change, similar, info, train, evaluate, serve.
 
 User mistakes (missing files, bad options, unknown models) print one line on stderr and exit 2;
-a cancel (Ctrl-C) exits 130 and says how much finished work was kept. Heavy imports (torch) happen
-inside the subcommands so `rscaption --help` is instant.
+a cancel (Ctrl-C, or SIGTERM: the same clean stop) exits 130 (143) and says how much finished work
+was kept. Heavy imports (torch) happen inside the subcommands so `rscaption --help` is instant.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import RscaptionError
-from .limits import bounded_int, positive_finite
+from .limits import bounded_int, finite_float, positive_finite
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -58,9 +60,10 @@ def _add_caption(sub):
     p.add_argument("--tile-size", type=_tile_size, default="auto",
                    help="tile size in pixels, or 'auto' (default): the model's ground footprint at this "
                         "raster's resolution")
-    p.add_argument("--overlap", type=int, default=0, help="overlap between tiles in pixels")
+    p.add_argument("--overlap", type=bounded_int("overlap"), default=0,
+                   help="overlap between tiles in pixels (less than the tile size)")
     p.add_argument("--bands", type=_csv_ints, default=None, help="1-based bands, e.g. 1,2,3 (default: RGB)")
-    p.add_argument("--extent", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"),
+    p.add_argument("--extent", type=finite_float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"),
                    help="only tile this extent (in the raster's CRS)")
     p.add_argument("--resolution", type=positive_finite, default=None,
                    help="resample to this ground resolution (raster CRS units per pixel)")
@@ -123,7 +126,7 @@ def cmd_caption(args) -> int:
     bar = None
     from .raster.input_check import input_warnings
 
-    announce = [choice.describe(), *input_warnings(args.raster, card, choice.m_per_px, args.bands)][::-1]
+    announce = [choice.describe(), *input_warnings(args.raster, card, choice.m_per_px, args.bands, tiling)][::-1]
 
     def progress(done, total, _records):
         # created on the first callback so an error before any tile leaves no empty bar behind
@@ -149,10 +152,10 @@ def cmd_caption(args) -> int:
                                          address=args.address, **run)
         else:
             summary = caption_raster(args.raster, args.output, **run)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"rscaption: cancelled; finished tiles are kept in {args.output} (run again to resume)",
               file=sys.stderr)
-        return EXIT_CANCELLED
+        return _cancelled_status(exc)
     finally:
         if bar is not None:
             bar.close()
@@ -169,9 +172,29 @@ def _add_search(sub):
 
 
 def cmd_search(args) -> int:
+    from .change.store import is_change_file
+
+    if is_change_file(args.gpkg):  # both dates and the transitions between them (docs/change.md)
+        from .change.cli import run_change_search
+
+        return run_change_search(args)
     from .search.cli import run_search
 
     return run_search(args)
+
+
+def _add_change(sub):
+    p = sub.add_parser("change", help="what changed between two dates: score every tile of BEFORE against AFTER")
+    from .change.cli import add_change_args  # light: argparse only
+
+    add_change_args(p, _tile_size)
+    p.set_defaults(func=cmd_change)
+
+
+def cmd_change(args) -> int:
+    from .change.cli import run_change
+
+    return run_change(args)
 
 
 def _add_similar(sub):
@@ -270,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_caption(sub)
     _add_search(sub)
+    _add_change(sub)
     _add_similar(sub)
     _add_info(sub)
     _add_check(sub)
@@ -282,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_logging()
+    previous = _sigterm_cancels() if args.command != "serve" else None  # the worker has its own
     try:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed reader (`| head -1`) shows here, not in the interpreter's exit
@@ -291,9 +316,33 @@ def main(argv=None) -> int:
     except RscaptionError as e:
         print(f"rscaption: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("rscaption: interrupted", file=sys.stderr)
-        return EXIT_CANCELLED
+        return _cancelled_status(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_cancels():
+    """SIGTERM (``kill``, a service manager's stop, a batch system's time limit) becomes a Ctrl-C:
+    by default it killed the process at once, leaving the run lock file, a hot journal and no word
+    of what was kept. Returns the handler to put back (None: not installed: not the main thread, or
+    SIGTERM deliberately ignored)."""
+    from .errors import raise_interrupted
+
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        return None
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    return previous if previous is not None else signal.SIG_DFL
+
+
+def _cancelled_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + getattr(exc, "signum", EXIT_CANCELLED - 128)
 
 
 def _reader_gone() -> int:

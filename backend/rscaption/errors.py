@@ -23,3 +23,19 @@ class TrainError(RscaptionError):
 
 class Cancelled(RscaptionError):
     """The run was cancelled by the user; finished work has been kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, or a SIGTERM (``kill``, a service manager's stop, a batch system's time limit) that
+    the CLI and the worker turn into the same cancel: finished tiles kept, run lock removed, resume
+    works. A KeyboardInterrupt, so every place that already cancels on Ctrl-C cancels on it too;
+    ``signum`` gives the exit status (128 + signum: 130, 143)."""
+
+    def __init__(self, signum: int = 2):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    """The signal handler the CLI installs for SIGINT and SIGTERM."""
+    raise Interrupted(signum)

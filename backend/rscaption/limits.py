@@ -65,6 +65,28 @@ def positive_finite(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    """An argparse ``type`` for a coordinate (``--extent``, ``--bbox``): any number but inf and nan."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """An argparse ``type`` for a confidence: a number from 0 to 1 (nan compares false with both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
+
+
 def check(values: dict) -> None:
     """Raise one line for the first value in ``values`` (a worker request) outside its bound;
     ``target_resolution`` must be a finite number above 0 (or 0: none). Absent and None values pass."""

@@ -10,6 +10,7 @@ Requests (plugin -> worker), one JSON object per line::
     {"cmd": "search", "gpkg": ..., "query": ..., "k": 10, "model": null, "min_confidence": null,
      "bbox": null, "where": null}                    # or "queries": [...] instead of "query"
     {"cmd": "similar", "gpkg": ..., "tile_id": 7, "k": 10, "min_confidence": null}  (no model needed)
+    {"cmd": "change", "before": ..., "after": ..., "out": ..., "model": ..., "tile_size": ..., "k": 10}
     {"cmd": "info", "model": "default"}
     {"cmd": "cancel"}
     {"cmd": "shutdown"}
@@ -42,6 +43,7 @@ REQUESTS: dict[str, dict[str, tuple]] = {
     "caption": {"raster": (str,), "out": (str,)},
     "search": {"gpkg": (str,)},  # and "query" or "queries" (checked below)
     "similar": {"gpkg": (str,), "tile_id": (int,)},
+    "change": {"before": (str,), "after": (str,), "out": (str,)},
     "info": {},
     "cancel": {},
     "shutdown": {},
@@ -62,6 +64,8 @@ _OPTIONAL_REQUEST = {
         "model": (str,), "tile_size": (int,), "overlap": (int,), "bands": (list,),
         "extent": (list,), "batch_size": (int,), "device": (str,), "beam_size": (int,),
         "resume": (bool,), "overwrite": (bool,), "target_resolution": _NUM, "language": (str,),
+        # metres per pixel given for a raster without a CRS (ignored when the raster has one)
+        "ground_resolution": _NUM,
         # above run_size.LARGE_RUN_TILES tiles the worker refuses (error kind "large_run", with
         # "tiles" and "seconds") unless this is true: the plugin asks the user, then sends it
         "confirm_large": (bool,),
@@ -73,8 +77,13 @@ _OPTIONAL_REQUEST = {
     # "bbox" [minx, miny, maxx, maxy] in the layer's CRS and "where" (SQLite expression over the
     # layer's columns) keep tiles before ranking, like min_confidence.
     "search": {"query": (str,), "queries": (list,), "k": (int,), "model": (str,), "device": (str,),
-               "min_confidence": _NUM, "bbox": (list,), "where": (str,)},
+               "min_confidence": _NUM, "bbox": (list,), "where": (str,),
+               "date": (str,)},  # change files only: before | after | change (else read from the query)
     "similar": {"k": (int,), "min_confidence": _NUM},
+    # what changed between two dates (rscaption.change): progress messages carry "phase"
+    # (before | after | score); a "result" with "top" (most changed tiles) precedes "done"
+    "change": {"model": (str,), "tile_size": (int,), "k": (int,), "batch_size": (int,), "device": (str,),
+               "resume": (bool,), "overwrite": (bool,), "confirm_large": (bool,), "precision": (str,)},
     "info": {"model": (str,), "device": (str,), "precision": (str,)},
 }
 TERMINAL_TYPES = frozenset({"done", "error"})
@@ -135,18 +144,23 @@ def validate_request(obj: dict) -> dict:
         extent = obj.get("extent")
         if extent is not None:
             if len(extent) != 4 or not all(_is_instance(v, _NUM) and math.isfinite(v) for v in extent):
-                raise ProtocolError("'caption' request: 'extent' must be [xmin, ymin, xmax, ymax]")
+                raise ProtocolError("'caption' request: 'extent' must be 4 finite numbers [xmin, ymin, xmax, ymax], "
+                                    f"got {extent}"[:200])
             if extent[0] >= extent[2] or extent[1] >= extent[3]:
                 raise ProtocolError("'caption' request: 'extent' is empty (xmin >= xmax or ymin >= ymax)")
         bands = obj.get("bands")
         if bands is not None and not all(_is_instance(b, (int,)) and b >= 1 for b in bands):
             raise ProtocolError("'caption' request: 'bands' must be 1-based band numbers")
+        ground = obj.get("ground_resolution")
+        if ground is not None and not (math.isfinite(ground) and ground > 0):
+            raise ProtocolError("'caption' request: 'ground_resolution' must be a positive number of metres")
     if cmd == "search":
         _check_search(obj)
     if cmd in ("search", "similar") and obj.get("k") is not None and obj["k"] < 1:
         raise ProtocolError(f"'{cmd}' request: 'k' must be at least 1")
     if cmd in ("search", "similar") and obj.get("min_confidence") is not None and not 0 <= obj["min_confidence"] <= 1:
-        raise ProtocolError(f"'{cmd}' request: 'min_confidence' must be between 0 and 1")
+        raise ProtocolError(f"'{cmd}' request: 'min_confidence' must be a number between 0 and 1, "
+                            f"got {obj['min_confidence']}")
     return obj
 
 
@@ -159,7 +173,8 @@ def _check_search(obj: dict) -> None:
     bbox = obj.get("bbox")
     if bbox is not None:
         if len(bbox) != 4 or not all(_is_instance(v, _NUM) and math.isfinite(v) for v in bbox):
-            raise ProtocolError("'search' request: 'bbox' must be [minx, miny, maxx, maxy]")
+            raise ProtocolError(f"'search' request: 'bbox' must be 4 finite numbers [minx, miny, maxx, maxy], "
+                                f"got {bbox}"[:200])
         if bbox[0] > bbox[2] or bbox[1] > bbox[3]:
             raise ProtocolError("'search' request: 'bbox' is empty (minx > maxx or miny > maxy)")
 

@@ -10,7 +10,9 @@ Design points:
   re-pointed at stderr so a stray ``print`` or a C library writing to fd 1 cannot corrupt the
   stream; logging goes to stderr.
 * stdin is read in its own thread so ``cancel`` (and ``shutdown``, and EOF when the plugin dies)
-  take effect between batches of a running job, not after it.
+  take effect between batches of a running job, not after it. SIGTERM (and Ctrl-C) is a
+  ``shutdown`` from outside: the running job is cancelled (finished tiles kept, run lock removed)
+  and answered, then the worker leaves with 128 + the signal.
 * a heartbeat every few seconds lets the plugin tell "busy loading a model" from "hung".
 * loaded models are kept between requests, so a second caption run or a search does not pay the
   model load again.
@@ -24,6 +26,7 @@ import io
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -37,6 +40,7 @@ from .protocol import PROTOCOL_VERSION, ProtocolError, clean_float, encode_messa
 log = logging.getLogger("rscaption.worker")
 
 _EOF = object()
+POLL_S = 0.25  # the main loop's longest sleep: a signal handler runs only when it wakes
 MAX_LINE_CHARS = 16 * 1024 * 1024  # far above any real request (a search's list of queries)
 
 
@@ -74,6 +78,7 @@ class Worker:
         self.cancel_event = threading.Event()
         self.stop_event = threading.Event()
         self.shutdown_requested = False
+        self.signalled = 0  # the SIGTERM/SIGINT that stopped us, if one did
         self._models: dict = {}
 
     # -- threads -------------------------------------------------------------------------------
@@ -139,14 +144,35 @@ class Worker:
         beat.start()
         self._hello()
         while True:
-            req = self.jobs.get()
+            req = self._next_job()
             if req is _EOF or self.shutdown_requested or self.out.broken:
                 break
             # A cancel that arrived while idle must not kill the next job.
             self.cancel_event.clear()
             self._dispatch(req)
         self.stop_event.set()
-        return 0
+        if self.signalled:
+            log.info("stopped by signal %d", self.signalled)
+        return 128 + self.signalled if self.signalled else 0
+
+    def _next_job(self):
+        """The next request, waited for in short steps: a signal is often delivered to the reader or
+        heartbeat thread, and Python runs its handler only when the main thread wakes."""
+        while not self.shutdown_requested:
+            try:
+                return self.jobs.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+        return _EOF
+
+    def on_signal(self, signum, frame) -> None:
+        """SIGTERM or Ctrl-C: cancel the running job (it stops between batches, keeps what it
+        finished and answers ``done`` with ``cancelled``; a ``--where`` filter stops at once), then
+        leave. Only flags are set: the interrupted main thread may hold the writer's or the queue's
+        lock, so nothing here takes one."""
+        self.signalled = signum
+        self.shutdown_requested = True
+        self.cancel_event.set()
 
     def _hello(self) -> None:
         info = {"torch": None, "device": None}
@@ -222,7 +248,7 @@ class Worker:
                 tiling_kwargs[key] = req[key]
         # No size asked for (None or 0): auto from the ground resolution, like the CLI does.
         choice = tile_choice_for(model, req["raster"], tiling_kwargs.get("tile_size"),
-                                 tiling_kwargs.get("target_resolution"))
+                                 tiling_kwargs.get("target_resolution"), req.get("ground_resolution"))
         tiling_kwargs["tile_size"] = choice.tile_px
         if req.get("extent") is not None:
             tiling_kwargs["extent"] = tuple(float(v) for v in req["extent"])
@@ -232,7 +258,7 @@ class Worker:
         from .raster.input_check import input_warnings
 
         for warning in input_warnings(req["raster"], getattr(model, "card", {}) or {}, choice.m_per_px,
-                                      req.get("bands")):
+                                      req.get("bands"), tiling):
             self.out.send("log", message=warning)
 
         def on_progress(done, total, records):
@@ -265,18 +291,59 @@ class Worker:
         from .search.query import search_queries
 
         device = req.get("device") or self.requested_device
+        from .change.store import is_change_file
+
+        if is_change_file(req["gpkg"]):  # both dates and transitions (change/search.py)
+            return self._search_change(req, device)
         model = self._model(req["model"], device) if req.get("model") else self._store_model(req["gpkg"], device)
         grouped = req.get("queries") is not None
         queries = list(req["queries"]) if grouped else [req["query"]]
         results = search_queries(req["gpkg"], queries, k=req.get("k") or 10, model=model, device=device,
                                  min_confidence=req.get("min_confidence"), bbox=req.get("bbox"),
-                                 where=req.get("where"))
+                                 where=req.get("where"), should_cancel=self.cancel_event.is_set)
         rows = [[_hit_row(h) for h in hits] for hits in results]
         if grouped:
             self.out.send("result", cmd="search", results=[{"query": q, "hits": r} for q, r in zip(queries, rows)])
             return {"count": sum(len(r) for r in rows), "queries": len(queries)}
         self.out.send("result", cmd="search", hits=rows[0])
         return {"count": len(rows[0])}
+
+    def _search_change(self, req: dict, device) -> dict:
+        """A change file's hits carry ``date``, ``change`` and ``summary`` besides the usual keys."""
+        from .change.search import search_changes
+
+        grouped = req.get("queries") is not None
+        queries = list(req["queries"]) if grouped else [req["query"]]
+        results = search_changes(req["gpkg"], queries, k=req.get("k") or 10, model=req.get("model"), device=device,
+                                 date=req.get("date"), where=req.get("where"), bbox=req.get("bbox"),
+                                 min_confidence=req.get("min_confidence"))
+        rows = [[{**_hit_row(h), "date": h.date, "change": None if h.change is None else clean_float(h.change),
+                  "summary": h.summary} for h in hits] for hits in results]
+        if grouped:
+            self.out.send("result", cmd="search", results=[{"query": q, "hits": r} for q, r in zip(queries, rows)])
+            return {"count": sum(len(r) for r in rows), "queries": len(queries)}
+        self.out.send("result", cmd="search", hits=rows[0])
+        return {"count": len(rows[0])}
+
+    def _do_change(self, req: dict) -> dict:
+        """Two dates -> a change file, with the caption job's events: ``log`` lines, ``progress``
+        (with ``phase``: before, after, score), ``result`` (the most changed tiles), ``done``."""
+        from .change.run import change_rasters
+
+        device = req.get("device") or self.requested_device
+        model = req.get("model") or "default"
+        if not any(str(req[k]).lower().endswith(".gpkg") for k in ("before", "after")):
+            model = self._model(model, device, req.get("precision"))  # kept loaded for the next run
+        summary = change_rasters(
+            req["before"], req["after"], req["out"], model=model, tile_size=req.get("tile_size") or "auto",
+            top_k=req.get("k") or 10, batch_size=req.get("batch_size") or 8, device=device,
+            on_progress=lambda phase, done, total: self.out.send("progress", done=done, total=total, phase=phase),
+            on_message=lambda line: self.out.send("log", message=line), should_cancel=self.cancel_event.is_set,
+            resume=True if req.get("resume") is None else bool(req["resume"]), overwrite=bool(req.get("overwrite")),
+            confirm_large=bool(req.get("confirm_large")))
+        if not summary.cancelled:
+            self.out.send("result", cmd="change", top=summary.top)
+        return _summary_dict(summary)
 
     def _do_similar(self, req: dict) -> dict:
         from .search.similar import similar  # embeddings only: no model load
@@ -323,8 +390,11 @@ class Worker:
 
 
 def _hit_row(h) -> dict:
-    return {"tile_id": _plain(h.tile_id), "row": int(h.row), "col": int(h.col), "score": clean_float(h.score),
-            "caption": h.caption, "confidence": None if h.confidence is None else clean_float(h.confidence)}
+    row = {"tile_id": _plain(h.tile_id), "row": int(h.row), "col": int(h.col), "score": clean_float(h.score),
+           "caption": h.caption, "confidence": None if h.confidence is None else clean_float(h.confidence)}
+    if getattr(h, "match_line", None) is not None:  # the query's "no good match" line (search only)
+        row["match_line"] = clean_float(h.match_line)
+    return row
 
 
 def _plain(value):
@@ -369,7 +439,27 @@ def serve(stdin=None, stdout=None, device=None, heartbeat_s: float = 2.0) -> int
     writer = _Writer(stdout)
     worker = Worker(stdin, writer, device=device, heartbeat_s=heartbeat_s)
     writer.on_broken = worker.cancel_event.set
-    return worker.run()
+    previous = _stop_on_signals(worker)
+    try:
+        return worker.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_on_signals(worker: Worker) -> dict:
+    """SIGTERM's default killed the worker mid-batch: the run lock file, a hot journal and no answer
+    were left. An ignored signal (Ctrl-C in a background job) stays ignored. Returns the handlers
+    to put back (a test serving in its own process)."""
+    previous = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for name in ("SIGTERM", "SIGINT"):
+        sig = getattr(signal, name, None)
+        if sig is not None and (handler := signal.getsignal(sig)) is not signal.SIG_IGN:
+            previous[sig] = signal.SIG_DFL if handler is None else handler
+            signal.signal(sig, worker.on_signal)
+    return previous
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,8 @@
 The run's output already is the complete format (tiles layer + ``rscaption_embeddings`` +
 ``rscaption_metadata``), so export is a consistent copy of that file through SQLite's backup
 API: it includes anything still in a WAL journal and never copies a half-written page, which a
-plain file copy during a run could.
+plain file copy during a run could. The copy registers the internal tables as the backend now
+does (``rscaption.store.tile_style``), so reopening an export offers the ``tiles`` layer alone.
 """
 
 from __future__ import annotations
@@ -34,12 +35,24 @@ def export_gpkg(src: str, dst: str) -> str:
         try:
             source.backup(target)
             target.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file
+            with target:  # a file made before they were hidden: Add Vector Layer offers ``tiles`` alone
+                _hide_internal_tables(target)
         finally:
             target.close()
     finally:
         source.close()
     os.replace(tmp, dst)
     return dst
+
+
+def _hide_internal_tables(con) -> None:
+    """The backend's own registration of its tables (pure sqlite3, no numpy or torch)."""
+    from .paths import ensure_backend_on_path
+
+    ensure_backend_on_path()
+    from rscaption.store.tile_style import hide_internal_tables
+
+    hide_internal_tables(con)
 
 
 def export_layer(layer, dst: str) -> str:

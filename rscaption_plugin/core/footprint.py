@@ -45,6 +45,7 @@ def layer_ground_resolution(layer) -> float | None:
     return m if math.isfinite(m) and m > 0 else None
 
 
-def tile_choice(layer, card: dict, tile_px: int | None = None) -> TileChoice:
-    """What a run would use: ``tile_px`` None means auto."""
-    return choose_tile_size(card or {}, layer_ground_resolution(layer), tile_px)
+def tile_choice(layer, card: dict, tile_px: int | None = None, declared_m: float | None = None) -> TileChoice:
+    """What a run would use: ``tile_px`` None means auto; ``declared_m`` is the ground resolution
+    a person gave for a layer without a CRS (the layer's own measure wins, as in the backend)."""
+    return choose_tile_size(card or {}, layer_ground_resolution(layer) or declared_m or None, tile_px)

@@ -14,6 +14,7 @@ from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsEditorWidgetSetup,
     QgsFeatureRequest,
     QgsFillSymbol,
     QgsLinePatternFillSymbolLayer,
@@ -166,7 +167,18 @@ def apply_default_style(layer: QgsVectorLayer) -> None:
     layer.setDisplayExpression('"caption"')
     layer.setLabeling(QgsVectorLayerSimpleLabeling(caption_label_settings(label_scale(layer))))
     layer.setLabelsEnabled(True)
+    two_decimals(layer)
     layer.triggerRepaint()
+
+
+def two_decimals(layer: QgsVectorLayer) -> None:
+    """Confidence and valid fraction with two decimals in the attribute table and forms (they
+    are stored in full: 0.94475563... said nothing more than 0.94)."""
+    for name in ("confidence", "valid_fraction"):
+        index = layer.fields().indexOf(name)
+        if index >= 0:
+            layer.setEditorWidgetSetup(index, QgsEditorWidgetSetup("Range", {
+                "AllowNull": True, "Max": 1.0, "Min": 0.0, "Precision": 2, "Step": 0.01, "Style": "SpinBox"}))
 
 
 #: A caption label is shown once a tile is at least this wide on screen (metres of paper).
@@ -261,33 +273,6 @@ def _write_style_row(con, qml: str) -> None:
                 "VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '')",
                 (TILE_LAYER, geom, STYLE_NAME, qml, "rscaption: tile outlines, low-confidence tiles marked, "
                  "captions as map tips and labels"))
-
-
-def apply_score_style(layer: QgsVectorLayer, hits: list[dict]) -> None:
-    """Highlight search hits, stronger fill for higher scores; other tiles keep the outline."""
-    if not hits:
-        apply_default_style(layer)
-        return
-    scores = [h["score"] for h in hits if h.get("score") is not None]
-    lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    root = QgsRuleBasedRenderer.Rule(None)
-    bands = 4
-    for b in range(bands):
-        a = lo + (hi - lo) * b / bands
-        z = lo + (hi - lo) * (b + 1) / bands
-        ids = [h["tile_id"] for h in hits if h.get("score") is not None
-               and (a <= h["score"] <= z if b == bands - 1 else a <= h["score"] < z)]
-        if not ids:
-            continue
-        alpha = 25 + int(75 * (b + 1) / bands)  # at most 100/255: the imagery shows through
-        sym = outline_symbol(QColor(255, 60, 0), 0.8, QColor(255, 90, 0, alpha))
-        rule = QgsRuleBasedRenderer.Rule(sym, 0, 0, tile_filter(ids), f"score {a:.3f} – {z:.3f}")
-        root.appendChild(rule)
-    others = QgsRuleBasedRenderer.Rule(None, 0, 0, "ELSE", "other tiles")
-    tile_rules(others)
-    root.appendChild(others)
-    layer.setRenderer(QgsRuleBasedRenderer(root))
-    layer.triggerRepaint()
 
 
 #: Alpha of the canvas selection colour while search hits are selected (0-255).

@@ -7,6 +7,7 @@ JSON read keeps the dialog instant and torch-free.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .paths import default_model_dir
@@ -53,17 +54,24 @@ def card_tile_size(name: str | None, fallback: int = 256) -> int:
         return fallback
 
 
-def shorten(text: str, limit: int = 120) -> str:
-    """``text`` cut at a word boundary with an ellipsis, never mid-word."""
+def shorten(text: str, limit: int = 320) -> str:
+    """``text`` whole when it fits; else its whole sentences up to ``limit``; only a first sentence
+    longer than that is cut, at a word boundary with an ellipsis (a card that stopped mid-sentence
+    read as a broken dialog)."""
     text = " ".join(str(text).split())
     if len(text) <= limit:
         return text
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", text[:limit + 1])]
+    if ends:
+        return text[:ends[-1]]
     cut = text[:limit + 1].rsplit(" ", 1)[0].rstrip(",;:.")
     return (cut or text[:limit]) + "…"
 
 
-def card_summary(name: str | None, full: bool = False) -> str:
-    """One line about the model for the dialog; ``full`` keeps the whole description (tooltip)."""
+def card_summary(name: str | None, full: bool = False, tiling_hints: bool = True) -> str:
+    """One line about the model for the dialog; ``full`` keeps the whole description (tooltip);
+    ``tiling_hints`` False leaves out the auto tile sizes (the dialog's footprint line shows the one
+    that applies)."""
     card = read_card(name)
     if not card:
         if (name or "default") == "default" and default_model_dir() is None:
@@ -74,7 +82,7 @@ def card_summary(name: str | None, full: bool = False) -> str:
         bits.append(f"trained on {card['tile_size']} px tiles")
     if card.get("ground_resolution_m"):
         bits.append(f"at ~{card['ground_resolution_m']} m/px")
-    anchors = card.get("tile_size_by_resolution")
+    anchors = card.get("tile_size_by_resolution") if tiling_hints else None
     if isinstance(anchors, list) and anchors:
         try:
             bits.append("auto tiles: " + ", ".join(f"{float(r):g} m/px -> {int(p)} px" for r, p in anchors))

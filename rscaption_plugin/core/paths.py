@@ -75,6 +75,17 @@ def default_backend_python() -> str | None:
     return None
 
 
+def default_python_note() -> str:
+    """What an empty "Backend Python" means for this copy of the plugin, in the Settings' words: an
+    installed plugin has no project ``.venv`` beside it, only the "Set up backend" environment."""
+    setup = venv_python(backend_venv_dir())
+    made = "made" if setup.exists() else "not made yet"
+    if project_venv_python() is not None:
+        return (f"empty: this source tree's .venv ({project_venv_python()}), else the \"Set up backend\" "
+                f"environment ({setup}, {made})")
+    return f"empty: the environment \"Set up backend\" makes ({setup}, {made})"
+
+
 def torch_importable() -> bool:
     """Whether QGIS's own Python could run the backend in-process; never imports torch."""
     try:

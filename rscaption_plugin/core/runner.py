@@ -50,6 +50,8 @@ class CaptionJob:
     resume: bool = True
     overwrite: bool = False
     confirm_large: bool = False  # the user agreed to a run above rscaption.engine.run_size.LARGE_RUN_TILES
+    ground_resolution: float | None = None  # m/px the user gave for a raster without a CRS
+    target_resolution: float | None = None  # resampling (CRS units/px): kept when resuming a CLI run
 
     def request_fields(self) -> dict:
         data = asdict(self)
@@ -120,8 +122,10 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
         model = _inprocess_model(fields["model"], fields["device"])
         if cb.on_backend:
             cb.on_backend({"mode": "inprocess", "device": str(model.device), "torch": torch.__version__})
-        tiling_kwargs = {k: fields[k] for k in ("overlap", "bands", "extent") if fields.get(k) is not None}
-        choice = tile_choice_for(model, job.raster, fields["tile_size"])
+        tiling_kwargs = {k: fields[k] for k in ("overlap", "bands", "extent", "target_resolution")
+                         if fields.get(k) is not None}
+        choice = tile_choice_for(model, job.raster, fields["tile_size"], fields.get("target_resolution"),
+                                 fields.get("ground_resolution"))
         tiling_kwargs["tile_size"] = choice.tile_px
         tiling = TilingParams(**tiling_kwargs)
         if cb.on_log:
@@ -129,7 +133,7 @@ def _inprocess_caption(job: CaptionJob, cb: Callbacks) -> dict:
 
             cb.on_log(choice.describe())
             for warning in input_warnings(job.raster, getattr(model, "card", {}) or {}, choice.m_per_px,
-                                          fields.get("bands")):
+                                          fields.get("bands"), tiling):
                 cb.on_log(warning)
 
         def on_progress(done, total, records):

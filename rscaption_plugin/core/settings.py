@@ -12,13 +12,17 @@ from qgis.core import QgsSettings
 
 PREFIX = "rscaption/"
 BACKEND_MODES = ("auto", "inprocess", "subprocess")
+#: What the dialogs show for each mode (Settings, caption dialog): never the stored key.
+MODE_LABELS = {"auto": "Automatic", "inprocess": "In-process (QGIS's Python)",
+               "subprocess": "Local subprocess (a separate Python)"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass
 class PluginSettings:
     backend_mode: str = "auto"  # auto: in-process when torch imports in QGIS, else subprocess
-    backend_python: str = ""  # empty: project .venv or the "Set up backend" env
+    backend_python: str = ""  # empty: paths.default_backend_python(); the caption dialog, the
+    # search dock and Processing all run the backend with this one setting
     default_model: str = "default"
     device: str = "auto"
     tile_size: int = 0  # 0: auto, from the ground resolution and the model card

@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from qgis.core import QgsMessageLog, QgsTask, Qgis
-from qgis.PyQt.QtCore import pyqtSignal
+from qgis.PyQt.QtCore import QTimer, pyqtSignal
 
 from .runner import Callbacks, CaptionJob, LargeRunRefused, RunError, run_caption, run_search
 
@@ -32,6 +32,7 @@ class Outcome:
     hits: list = field(default_factory=list)
     backend: dict = field(default_factory=dict)
     large_run: dict | None = None  # {"tiles", "seconds", "message"}: refused until the user confirms
+    warnings: list = field(default_factory=list)  # the backend's "warning: ..." lines about the input
 
 
 class CaptionTask(QgsTask):
@@ -63,8 +64,13 @@ class CaptionTask(QgsTask):
             self.backendReady.emit(dict(info))
             log(f"backend: {info}")
 
+        def on_log(line):
+            log(line)
+            if str(line).startswith("warning:"):  # shown in the message bar after the run (caption_run)
+                self.outcome.warnings.append(str(line))
+
         cb = Callbacks(on_progress=on_progress, on_tiles=on_tiles, on_backend=on_backend,
-                       on_log=lambda line: log(line), should_cancel=self.isCanceled)
+                       on_log=on_log, should_cancel=self.isCanceled)
         try:
             summary = run_caption(self.job, self.mode, self.python, cb)
         except RunError as exc:
@@ -87,8 +93,16 @@ class CaptionTask(QgsTask):
         if self.isCanceled():
             self.outcome.cancelled = True
         self.outcome.ok = bool(result) and not self.outcome.cancelled
+        if self.outcome.cancelled:  # QGIS announces this description as "Task complete": say what happened
+            summary = self.outcome.summary or {}
+            kept = int(summary.get("written", self._committed) or 0) + int(summary.get("resumed", 0) or 0)
+            self.setDescription(f"{self.description()}: cancelled" + (f"; {kept} finished tiles kept" if kept else ""))
         if self._on_finished is not None:
-            self._on_finished(self.outcome)
+            # QGIS announces a long task's end in its message bar (where no desktop notifications
+            # run) right after finished() returns; the run's own message goes up after that one, so
+            # it is the one shown rather than one hidden under "1 more"
+            callback, outcome = self._on_finished, self.outcome
+            QTimer.singleShot(0, lambda: callback(outcome))
 
 
 class RankTask(QgsTask):

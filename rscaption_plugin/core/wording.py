@@ -13,6 +13,10 @@ _RULES = [
     # "<out> exists; pass --overwrite to replace it or --resume to continue it"
     (re.compile(r"(\S+) exists; pass --overwrite to replace it or --resume to continue it"),
      r"\1 exists: tick Resume to continue it or choose another file"),
+    # only the tiling differs: the person means to resume, so say how (never "another file")
+    (re.compile(r"was written from different tiling parameters; choose another output or pass --overwrite"),
+     "was written with other tile settings: to resume it, use the tile size, overlap, bands and extent "
+     "recorded in it (the caption dialog puts them back when the file is chosen as output)"),
     (re.compile(r"choose another output or pass --overwrite"), "choose another output file"),
     (re.compile(r"caption the raster again with --overwrite"),
      "caption the raster again into a new output file"),

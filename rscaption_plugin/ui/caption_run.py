@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 
-from qgis.core import Qgis, QgsApplication, QgsProject
+from qgis.core import Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsProject
 
 from ..core.layers import (find_tile_layer, has_tile_table, open_tile_layer, refresh_layer, settle_store,
                      store_default_style)
 from .large_run import ask_large_run, declined_text
+from ..core.run_record import has_no_crs
+from ..core.run_warnings import unique
 from ..core.tasks import CaptionTask, Outcome, log
 
 
@@ -92,6 +94,8 @@ class CaptionRun:
         if not layer.isValid():
             log(f"cannot open {out} as a layer yet")
             return
+        if has_no_crs(out):  # pixel coordinates: no CRS, so no transform is ever attempted
+            layer.setCrs(QgsCoordinateReferenceSystem())
         self.layer = layer
         self.layer_id = layer.id()
         if self.add_to_project:
@@ -107,6 +111,11 @@ class CaptionRun:
                 return
             outcome.error = declined_text(outcome.large_run)
         self.outcome = outcome
+        if not outcome.ok and not self.tiles_seen:
+            # refused, failed or cancelled before its first tile: this run wrote nothing, so it adds
+            # no layer and rewrites no style (the file may hold another raster's captions)
+            self._report(outcome)
+            return
         if not outcome.ok:  # the writer may have died mid-transaction: roll that back first
             self._committed = settle_store(self.request.job.out)
             if self._committed is None and has_tile_table(self.request.job.out):
@@ -119,6 +128,9 @@ class CaptionRun:
             if problem:
                 log(f"style not saved into {self.request.job.out}: {problem}")
             refresh_layer(self.layer)
+        self._report(outcome)
+
+    def _report(self, outcome: Outcome) -> None:
         summary = outcome.summary or {}
         if outcome.ok:
             self._message(f"{summary.get('written', 0)} tiles captioned ({summary.get('resumed', 0)} resumed, "
@@ -133,6 +145,9 @@ class CaptionRun:
             kept = self._kept() if self.tiles_seen else 0
             self._message(f"captioning failed: {outcome.error}" + (f". {kept} finished tiles kept." if kept else ""),
                           Qgis.MessageLevel.Critical, 0)
+        warnings = unique([*getattr(self.request, "warnings", []), *outcome.warnings])
+        if warnings and (outcome.ok or self.tiles_seen):  # about the tiles just made: where the person looks
+            self._bar("\n".join(w[0].upper() + w[1:] for w in warnings), Qgis.MessageLevel.Warning, 0)
         if self.on_done is not None:
             self.on_done(self)
 
@@ -143,6 +158,9 @@ class CaptionRun:
 
     def _message(self, text: str, level, duration: int) -> None:
         log(text, level)
+        self._bar(text, level, duration)
+
+    def _bar(self, text: str, level, duration: int) -> None:
         if self.iface is not None:
             try:
                 self.iface.messageBar().pushMessage("rscaption", text, level, duration)

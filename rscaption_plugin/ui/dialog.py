@@ -15,6 +15,7 @@ from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDialog,
+    QDoubleSpinBox,
     QDialogButtonBox,
     QFileDialog,
     QFormLayout,
@@ -35,8 +36,12 @@ from ..core.model_card import card_summary, card_tile_size, model_languages, rea
 from ..core.paths import torch_importable
 from ..core.qgis_compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
 from ..core.raster_source import RasterSourceError, can_export, check_raster, export_to_geotiff, extent_in_layer_crs
+from ..core.run_record import read_run_record
+from ..core.run_warnings import has_crs, input_warnings
 from ..core.runner import CaptionJob
-from ..core.settings import BACKEND_MODES, DEVICES, PluginSettings
+from ..core.settings import BACKEND_MODES, DEVICES, MODE_LABELS, PluginSettings
+from .resume_form import EXTENT_FILE, apply_record, resume_problem, show_note
+from .wrap_label import WrapLabel
 
 EXTENT_LAYER, EXTENT_CANVAS, EXTENT_SELECTION = "layer", "canvas", "selection"
 
@@ -47,9 +52,11 @@ LANGUAGE_NAMES = {"en": "English", "zh": "Chinese (中文)"}
 class CaptionRequest:
     """What the dialog hands to the plugin: the job plus how and where to show it."""
 
-    def __init__(self, job: CaptionJob, mode: str, python: str | None, layer_name: str, temporary: bool):
+    def __init__(self, job: CaptionJob, mode: str, python: str | None, layer_name: str, temporary: bool,
+                 warnings: list[str] | None = None):
         self.job, self.mode, self.python = job, mode, python
         self.layer_name, self.temporary = layer_name, temporary
+        self.warnings = list(warnings or [])  # shown in the dialog; the message bar repeats them after the run
 
 
 def parse_bands(text: str) -> list[int] | None:
@@ -78,9 +85,13 @@ class CaptionDialog(QDialog):
         self.iface = iface
         self.settings = settings or PluginSettings.load()
         self.setWindowTitle("rscaption — Caption raster layer")
+        self.setMinimumWidth(780)  # room for the check boxes and fewer lines of notes; they grow in height
         self.request: CaptionRequest | None = None
+        self.record = None  # the run recorded in the chosen output file (run_record.RunRecord)
+        self.warnings: list[str] = []  # input warnings for the chosen layer and model (run_warnings)
         self._build()
         self._preselect()
+        self._output_changed()
 
     # -- layout --------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -92,24 +103,27 @@ class CaptionDialog(QDialog):
         self.layer_combo.setFilters(LAYER_FILTER_RASTER)
         self.layer_combo.layerChanged.connect(self._layer_changed)
         form.addRow("Raster layer", self.layer_combo)
-        self.source_note = QLabel("")
-        self.source_note.setWordWrap(True)
+        self.source_note = WrapLabel()
         form.addRow("", self.source_note)
-        self.export_check = QCheckBox("If the layer is not a file, write a temporary GeoTIFF of the extent")
+        self.export_check = QCheckBox("Not a file: write a temporary GeoTIFF of the extent")
+        self.export_check.setToolTip("for layers that are not a raster file on disk (memory, virtual, calculator)")
         self.export_check.setChecked(True)
         form.addRow("", self.export_check)
 
         self.extent_combo = QComboBox()
         self.extent_combo.addItem("Whole layer", EXTENT_LAYER)
         self.extent_combo.addItem("Map canvas extent", EXTENT_CANVAS)
-        self.extent_combo.addItem("Selected features of a polygon layer (union bbox)", EXTENT_SELECTION)
+        self.extent_combo.addItem("Selected features (union bbox) of", EXTENT_SELECTION)
         self.mask_combo = QgsMapLayerComboBox()
         self.mask_combo.setFilters(LAYER_FILTER_POLYGON)
         self.mask_combo.setEnabled(False)
         self.extent_combo.currentIndexChanged.connect(
             lambda _i: self.mask_combo.setEnabled(self.extent_combo.currentData() == EXTENT_SELECTION))
-        form.addRow("Extent", self.extent_combo)
-        form.addRow("Selection layer", self.mask_combo)
+        self.mask_combo.setToolTip("the polygon layer whose selected features bound the extent")
+        row = QHBoxLayout()
+        row.addWidget(self.extent_combo, 1)
+        row.addWidget(self.mask_combo, 1)
+        form.addRow("Extent", _wrap(row))
 
         self.model_combo = QComboBox()
         self.model_combo.setEditable(True)
@@ -124,8 +138,7 @@ class CaptionDialog(QDialog):
         row.addWidget(self.model_combo, 1)
         row.addWidget(browse)
         form.addRow("Model", _wrap(row))
-        self.card_label = QLabel("")
-        self.card_label.setWordWrap(True)
+        self.card_label = WrapLabel()
         form.addRow("", self.card_label)
         self.language_combo = QComboBox()
         self.language_combo.setToolTip("caption language; models list the languages they have decoders for")
@@ -135,8 +148,9 @@ class CaptionDialog(QDialog):
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(16, 8192)
         self.tile_spin.setSuffix(" px")
-        self.auto_tile_check = QCheckBox("Auto (from ground resolution)")
-        self.auto_tile_check.setToolTip("keep the ground footprint the model was trained on")
+        self.auto_tile_check = QCheckBox("Auto")
+        self.auto_tile_check.setToolTip("from the ground resolution: keep the ground footprint the model was "
+                                        "trained on")
         self.auto_tile_check.setChecked(not self.settings.tile_size)
         self.overlap_spin = QSpinBox()
         self.overlap_spin.setRange(0, 4096)
@@ -149,25 +163,34 @@ class CaptionDialog(QDialog):
         row.addWidget(QLabel("overlap"))
         row.addWidget(self.overlap_spin)
         form.addRow("Tiles", _wrap(row))
-        self.footprint_label = QLabel("")
-        self.footprint_label.setWordWrap(True)
+        # asked only for a layer without a CRS: its metres per pixel are otherwise unknown
+        self.ground_spin = QDoubleSpinBox()
+        self.ground_spin.setRange(0.0, 100000.0)
+        self.ground_spin.setDecimals(3)
+        self.ground_spin.setSuffix(" m/px")
+        self.ground_spin.setSpecialValueText("unknown: enter metres per pixel")
+        self.ground_spin.setToolTip("the raster has no CRS: how many metres one pixel covers on the ground "
+                                    "(sets the tile size and lets the model check its scene names)")
+        form.addRow("Ground resolution", self.ground_spin)
+        self.ground_row = (form.labelForField(self.ground_spin), self.ground_spin)
+        self.footprint_label = WrapLabel()
         form.addRow("", self.footprint_label)
         self.auto_tile_check.toggled.connect(lambda _on: self._update_footprint())
         self.tile_spin.valueChanged.connect(lambda _v: self._update_footprint())
+        self.ground_spin.valueChanged.connect(lambda _v: self._update_footprint())
         self.bands_edit = QLineEdit()
         self.bands_edit.setPlaceholderText("auto (RGB, or grey repeated); e.g. 4,3,2")
+        self.bands_edit.editingFinished.connect(self._update_footprint)
         form.addRow("Bands", self.bands_edit)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 512)
         self.batch_spin.setValue(self.settings.batch_size)
-        form.addRow("Batch size", self.batch_spin)
 
         backend = QGroupBox("Backend")
         bform = QFormLayout(backend)
         self.mode_combo = QComboBox()
         for mode in BACKEND_MODES:
-            self.mode_combo.addItem({"auto": "Automatic", "inprocess": "In-process (QGIS's Python)",
-                                     "subprocess": "Local subprocess"}[mode], mode)
+            self.mode_combo.addItem(MODE_LABELS[mode], mode)
         self._inprocess = torch_importable()
         if not self._inprocess:  # never offer what cannot run: disabled, with the reason as its tooltip
             index = self.mode_combo.findData("inprocess")
@@ -178,15 +201,23 @@ class CaptionDialog(QDialog):
         bform.addRow("Mode", self.mode_combo)
         self.python_edit = QLineEdit(self.settings.python() or "")
         self.python_edit.setPlaceholderText("python of an env with rscaption's requirements (Set up backend)")
-        bform.addRow("Backend Python", self.python_edit)
+        self.python_browse = QPushButton("Browse…")
+        self.python_browse.clicked.connect(self._browse_python)
+        row = QHBoxLayout()
+        row.addWidget(self.python_edit, 1)
+        row.addWidget(self.python_browse)
+        bform.addRow("Backend Python", _wrap(row))
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
         self.device_combo.setCurrentText(self.settings.device)
-        bform.addRow("Device", self.device_combo)
-        self.backend_note = QLabel(
-            "torch is importable in QGIS's Python: in-process mode available" if torch_importable()
+        row = QHBoxLayout()
+        row.addWidget(self.device_combo, 1)
+        row.addWidget(QLabel("batch size"))
+        row.addWidget(self.batch_spin)
+        bform.addRow("Device", _wrap(row))
+        self.backend_note = WrapLabel(
+            "QGIS's Python has torch: In-process is available" if torch_importable()
             else "QGIS's Python has no torch: the backend runs as a local subprocess")
-        self.backend_note.setWordWrap(True)
         bform.addRow("", self.backend_note)
         root.addWidget(backend)
 
@@ -208,10 +239,18 @@ class CaptionDialog(QDialog):
         self.resume_check = QCheckBox("Resume an existing file (skip tiles already captioned)")
         self.resume_check.setChecked(True)
         oform.addRow("", self.resume_check)
+        self.resume_note = WrapLabel()  # the settings a resume restores from the file
+        self.resume_note.setVisible(False)
+        oform.addRow("", self.resume_note)
         root.addWidget(out)
+        self.output_file.fileChanged.connect(lambda _p: self._output_changed())
+        self.output_combo.currentIndexChanged.connect(lambda _i: self._output_changed())
+        self.resume_check.toggled.connect(lambda _on: self._output_changed())
 
-        self.message_label = QLabel("")  # why Caption is disabled, or what to fix in the form
-        self.message_label.setWordWrap(True)
+        self.warning_label = WrapLabel()  # what the run will warn about, before it starts
+        self.warning_label.setStyleSheet("color: #8a5a00")
+        root.addWidget(self.warning_label)
+        self.message_label = WrapLabel()  # why Caption is disabled, or what to fix in the form
         self.message_label.setStyleSheet("color: #b00020")
         root.addWidget(self.message_label)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
@@ -224,6 +263,8 @@ class CaptionDialog(QDialog):
         buttons.helpRequested.connect(self.show_help)
         root.addWidget(buttons)
         self.help_box: QMessageBox | None = None
+        for box in (self.export_check, self.auto_tile_check, self.resume_check):
+            box.setMinimumWidth(box.sizeHint().width())  # check boxes are never cut
         self.mode_combo.currentIndexChanged.connect(lambda _i: self._update_backend())
         self.python_edit.textChanged.connect(lambda _t: self._update_backend())
         self._model_changed(self.model_combo.currentText())
@@ -237,20 +278,26 @@ class CaptionDialog(QDialog):
 
     # -- reactions -----------------------------------------------------------------------------
     def _layer_changed(self, layer) -> None:
+        no_crs = layer is not None and not has_crs(layer)
+        for widget in self.ground_row:
+            widget.setVisible(no_crs)
         self._update_footprint()
         if layer is None:
             self.source_note.setText("")
             return
+        crs = (layer.crs().authid() or layer.crs().description()) if has_crs(layer) else "no CRS"
         try:
             path = check_raster(layer)
-            self.source_note.setText(f"file: {path} · {layer.bandCount()} band(s) · {layer.crs().authid()}")
+            self.source_note.setText(f"file: {breakable(path)} · {layer.bandCount()} band(s) · {crs}")
+            self.source_note.setToolTip(path)
         except RasterSourceError as exc:
             self.source_note.setText(str(exc))
+        show_note(self)
 
     def _model_changed(self, name: str) -> None:
         fallback = self.settings.tile_size or 256
         self.tile_spin.setValue(self.settings.tile_size or card_tile_size(name, fallback))
-        self.card_label.setText(card_summary(name))
+        self.card_label.setText(card_summary(name, tiling_hints=False))  # the footprint line says those
         self.card_label.setToolTip(card_summary(name, full=True))
         current = self.language_combo.currentData() or "en"
         self.language_combo.clear()
@@ -265,16 +312,39 @@ class CaptionDialog(QDialog):
         self.tile_spin.setEnabled(not auto)
         layer = self.layer_combo.currentLayer()
         card = read_card(self.model_combo.currentText())
-        choice = tile_choice(layer, card, None if auto else self.tile_spin.value())
+        choice = tile_choice(layer, card, None if auto else self.tile_spin.value(), self.declared_ground())
         if auto and self.tile_spin.value() != choice.tile_px:
             self.tile_spin.blockSignals(True)
             self.tile_spin.setValue(choice.tile_px)
             self.tile_spin.blockSignals(False)
         if layer is None:
             self.footprint_label.setText("")
+            self.warning_label.setText("")
             return
         text = choice.describe()
         self.footprint_label.setText(text[len("tiles: "):] if text.startswith("tiles: ") else text)
+        try:
+            bands = parse_bands(self.bands_edit.text())
+        except ValueError:
+            bands = None
+        self.warnings = input_warnings(layer, card, choice.m_per_px, bands)
+        self.warning_label.setText("\n".join(w[0].upper() + w[1:] for w in self.warnings))
+
+    def declared_ground(self) -> float | None:
+        """The metres per pixel typed for a layer without a CRS (None: not asked, or left unknown)."""
+        layer = self.layer_combo.currentLayer()
+        if layer is None or has_crs(layer) or self.ground_spin.value() <= 0:
+            return None
+        return float(self.ground_spin.value())
+
+    def _output_changed(self) -> None:
+        """A chosen output that an earlier run wrote: with Resume ticked, its tile settings are put
+        back in the form (the backend refuses a resume with other ones), and the note says so."""
+        path = self.output_file.filePath().strip() if self.output_combo.currentData() == "file" else ""
+        if path and not path.lower().endswith(".gpkg"):
+            path += ".gpkg"
+        self.record = read_run_record(path) if path and self.resume_check.isChecked() else None
+        apply_record(self, self.record)
 
     def _update_backend(self) -> None:
         """Caption is enabled only when the chosen mode has a backend; the reason shows otherwise."""
@@ -292,6 +362,11 @@ class CaptionDialog(QDialog):
         self.help_box.show()
         self.help_box.raise_()
 
+    def _browse_python(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Backend Python executable", self.python_edit.text())
+        if path:
+            self.python_edit.setText(path)
+
     def _browse_model(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "rscaption checkpoint directory")
         if path:
@@ -303,6 +378,8 @@ class CaptionDialog(QDialog):
         choice = self.extent_combo.currentData()
         if choice == EXTENT_LAYER:
             return None
+        if choice == EXTENT_FILE:
+            return list(self.record.extent) if self.record is not None and self.record.extent else None
         if choice == EXTENT_CANVAS:
             if self.iface is None or self.iface.mapCanvas() is None:
                 raise ValueError("no map canvas to take the extent from")
@@ -342,6 +419,10 @@ class CaptionDialog(QDialog):
                 out += ".gpkg"
             if os.path.exists(out) and not self.resume_check.isChecked():
                 raise ValueError(f"{out} exists: tick Resume to continue it or choose another file")
+            if os.path.exists(out):  # a refused resume starts nothing: no layer, no write
+                problem = resume_problem(self, layer, raster, out)
+                if problem:
+                    raise ValueError(problem)
             temporary = False
         else:
             out = os.path.join(tempfile.mkdtemp(prefix="rscaption-"), f"{_safe(layer.name())}_captions.gpkg")
@@ -355,10 +436,12 @@ class CaptionDialog(QDialog):
             bands=parse_bands(self.bands_edit.text()),
             extent=extent, batch_size=self.batch_spin.value(), device=self.device_combo.currentText(),
             resume=self.resume_check.isChecked(), language=self.language_combo.currentData() or "en",
+            ground_resolution=self.declared_ground(),
+            target_resolution=self.record.target_resolution if self.record is not None and not temporary else None,
         )
         name = f"{layer.name()} captions"
         return CaptionRequest(job, self.mode_combo.currentData(), self.python_edit.text().strip() or None,
-                              name, temporary)
+                              name, temporary, self.warnings)
 
     def accept(self) -> None:
         if not self.caption_button.isEnabled():
@@ -369,8 +452,14 @@ class CaptionDialog(QDialog):
             self.message_label.setText(str(exc))  # in the dialog, beside the fields to fix
             return
         remember(self.settings, self.mode_combo.currentData(), self.output_combo.currentData(),
-                 self.output_file.filePath().strip())
+                 self.output_file.filePath().strip(), self.python_edit.text())
         super().accept()
+
+
+def breakable(path: str) -> str:
+    """``path`` with a zero-width break after each separator, so a long path wraps between folders
+    rather than mid-name (the tooltip keeps the plain path)."""
+    return path.replace("/", "/\u200b").replace("\\", "\\\u200b")
 
 
 def _wrap(layout) -> QWidget:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..core.paths import torch_importable
+from ..core.paths import default_backend_python, torch_importable
 from ..core.settings import BACKEND_MODES, PluginSettings
 
 NO_TORCH_TIP = ("QGIS's Python cannot import torch and rasterio, so the backend cannot run inside QGIS; "
@@ -51,13 +51,25 @@ def remembered_mode(settings: PluginSettings, inprocess: bool) -> str:
     return mode if mode in BACKEND_MODES else "auto"
 
 
-def remember(settings: PluginSettings, mode: str, output: str, path: str) -> None:
-    """Store the dialog's last mode, output choice and path (QgsSettings) for the next run."""
+def remember(settings: PluginSettings, mode: str, output: str, path: str, python: str | None = None) -> None:
+    """Store the dialog's last mode, output choice and path (QgsSettings) for the next run, and
+    the backend Python typed there as *the* backend Python: the search dock and Processing read
+    the same setting, so a Python that captions also searches. The default one stays unstored,
+    so it keeps following "Set up backend"."""
     settings.last_mode = mode if mode in BACKEND_MODES else ""
     settings.last_output = output if output in OUTPUT_CHOICES else "temp"
     if path:
         settings.last_output_path = path
+    if python is not None:
+        typed = python.strip()
+        settings.backend_python = "" if typed == (default_backend_python() or "") else typed
     settings.save()
+
+
+def backend_missing(settings: PluginSettings | None = None) -> str:
+    """Why no caption or search can run with the saved settings ("" when one can)."""
+    settings = settings or PluginSettings.load()
+    return availability(settings.backend_mode, settings.python()).reason
 
 
 HELP_TEXT = """<h3>Caption raster layer</h3>
@@ -70,11 +82,13 @@ temporary GeoTIFF first; web layers (XYZ, WMS) are refused.</li>
 <li><b>Extent</b>: the whole layer, the map canvas, or the bounding box of selected polygons.</li>
 <li><b>Model</b>: <i>default</i> is the embedded model; or a checkpoint folder.</li>
 <li><b>Tiles</b>: <i>Auto</i> keeps the ground footprint the model was trained on (the line below shows
-it); a fixed pixel size otherwise.</li>
+it); a fixed pixel size otherwise. A raster without a CRS asks its <b>Ground resolution</b> (metres per
+pixel): without it, tiles and confidences are guesses.</li>
 <li><b>Backend</b>: <i>In-process</i> runs in QGIS's own Python (needs torch there); <i>Local
 subprocess</i> runs a separate Python (made by Set up backend). <i>Automatic</i> picks one.</li>
 <li><b>Output</b>: a temporary GeoPackage or a file you choose. If the file exists, tick
-<i>Resume</i> to continue it (tiles already captioned are skipped) or choose another file.</li>
+<i>Resume</i> to continue it (tiles already captioned are skipped; the tile settings it was made with
+are put back in the form) or choose another file.</li>
 </ul>
 <p>The run is a background task: progress and Cancel are in the task manager; finished tiles stay
 in the file after a cancel and appear on the map as they land.</p>"""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from qgis.core import QgsApplication, QgsProject
 from qgis.gui import QgsDockWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QBrush, QColor
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -26,8 +27,9 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..core.layers import (apply_default_style, apply_score_style, gpkg_path_of, is_tile_layer, select_tiles,
-                     translucent_selection, zoom_to_tile)
+from ..core.hit_style import apply_hit_style, is_good
+from ..core.layers import (apply_default_style, gpkg_path_of, is_tile_layer, select_tiles, translucent_selection,
+                           zoom_to_tile)
 from ..core.qgis_compat import LAYER_FILTER_POLYGON
 from ..core.settings import PluginSettings
 from ..core.similar import SimilarTask
@@ -48,6 +50,9 @@ class SearchDock(QgsDockWidget):
         self.task: SearchTask | None = None
         self.backend: dict = {}
         self._hits_layer_id: str | None = None  # the layer the listed hits belong to
+        self.match_line: float | None = None  # the listed query's "no good match" line (None: unknown)
+        self.reference: int | None = None  # the tile "Similar to selected" ranked against
+        self._quiet = False  # selecting a row without moving the map (a new list keeps the overview)
         self._build()
         QgsProject.instance().layersWillBeRemoved.connect(self._layers_removed)
 
@@ -58,6 +63,11 @@ class SearchDock(QgsDockWidget):
         self.layer_combo.setFilters(LAYER_FILTER_POLYGON)
         lay.addWidget(QLabel("Captioned tile layer"))
         lay.addWidget(self.layer_combo)
+        from .change_panel import MostChangedPanel  # shown only while the layer is a change layer
+
+        self.change_panel = MostChangedPanel(self.iface)
+        lay.addWidget(self.change_panel, 2)
+        self.layer_combo.layerChanged.connect(self.change_panel.set_layer)
         row = QHBoxLayout()
         self.query_edit = QLineEdit()
         self.query_edit.setPlaceholderText("e.g. a river next to green farmland")
@@ -99,6 +109,9 @@ class SearchDock(QgsDockWidget):
         self.style_check = QCheckBox("Colour tiles by score")
         self.style_check.setChecked(True)
         lay.addWidget(self.style_check)
+        self.match_label = QLabel("")  # the query's match line, and "no good match" when nothing reaches it
+        self.match_label.setWordWrap(True)
+        lay.addWidget(self.match_label)
         self.results = QListWidget()
         # long captions wrap at word boundaries (never cut mid-word); the tooltip has the full text
         self.results.setWordWrap(True)
@@ -140,6 +153,8 @@ class SearchDock(QgsDockWidget):
         layer = QgsProject.instance().mapLayer(self._hits_layer_id) if self._hits_layer_id else None
         self._hits_layer_id = None
         self.hits = []
+        self.match_line = self.reference = None
+        self.match_label.setText("")
         self.results.clear()
         if layer is not None:
             layer.removeSelection()
@@ -168,6 +183,7 @@ class SearchDock(QgsDockWidget):
             self._status("a search is already running")
             return None
         settings = PluginSettings.load()
+        self.clear_hits()  # the last query's hits never stand under a new one, nor after it fails
         self.searching = True
         self.error = None
         self.search_button.setEnabled(False)
@@ -179,14 +195,13 @@ class SearchDock(QgsDockWidget):
 
     # -- similar tiles ---------------------------------------------------------------------------
     def selected_tile(self, layer) -> int | None:
-        """The tile to match: the one tile selected on the layer, or, while the selection is still
-        this dock's own highlight of its hits, the highlighted result row."""
+        """The tile to match: the one tile selected on the layer (the dock selects the hit its list
+        points at), or, with nothing selected, the highlighted result row."""
         ids = [f["tile_id"] for f in layer.selectedFeatures()]
         if len(ids) == 1:
             return int(ids[0])
         row = self.results.currentRow()
-        if self.hits and layer.id() == self._hits_layer_id and 0 <= row < len(self.hits) \
-                and set(ids) == {h["tile_id"] for h in self.hits}:
+        if not ids and self.hits and layer.id() == self._hits_layer_id and 0 <= row < len(self.hits):
             return int(self.hits[row]["tile_id"])
         return None
 
@@ -205,9 +220,10 @@ class SearchDock(QgsDockWidget):
         return self._start(f"finding tiles like tile {tile_id}…", lambda settings: SimilarTask(
             gpkg_path_of(layer), tile_id, self.k_spin.value(), settings.backend_mode, settings.python(),
             min_confidence=self.confidence_spin.value() or None,
-            on_finished=lambda outcome, lid=layer.id(): self._finished(outcome, lid, f"tile(s) like tile {tile_id}")))
+            on_finished=lambda outcome, lid=layer.id(): self._finished(
+                outcome, lid, f"tile(s) like tile {tile_id} (outlined in cyan)", reference=tile_id)))
 
-    def _finished(self, outcome, layer_id: str, what: str = "match(es)") -> None:
+    def _finished(self, outcome, layer_id: str, what: str = "match(es)", reference=None) -> None:
         self.searching = False
         self.task = None
         self.search_button.setEnabled(True)
@@ -216,50 +232,88 @@ class SearchDock(QgsDockWidget):
         layer = QgsProject.instance().mapLayer(layer_id)
         if not outcome.ok:
             self.error = outcome.error or ("cancelled" if outcome.cancelled else "search failed")
-            self._status(self.error)
+            self.clear_hits(self.error)
             return
         threshold = self.threshold_spin.value()
-        self.show_hits([h for h in outcome.hits if h.get("score") is None or h["score"] >= threshold], layer, what)
+        self.show_hits([h for h in outcome.hits if h.get("score") is None or h["score"] >= threshold], layer, what,
+                       reference=reference)
 
-    def show_hits(self, hits: list[dict], layer=None, what: str = "match(es)") -> None:
+    def show_hits(self, hits: list[dict], layer=None, what: str = "match(es)", reference=None) -> None:
+        """List the hits (weak ones greyed), colour them on the map and select the first one,
+        without moving the map: the overview stays until the person asks for a hit."""
         layer = layer or self.layer_combo.currentLayer()
         self.hits = list(hits)
         self._hits_layer_id = layer.id() if layer is not None else None
+        self.reference = reference
+        self.match_line = next((h["match_line"] for h in self.hits if h.get("match_line") is not None), None)
         self.results.blockSignals(True)
         self.results.clear()
         for rank, hit in enumerate(self.hits, 1):
-            score = hit.get("score")
-            text = f"{rank:>2}. {score:.3f}  {hit.get('caption', '')}" if score is not None else hit.get("caption", "")
-            item = QListWidgetItem(text)
-            item.setData(TILE_ROLE, hit.get("tile_id"))
-            conf = hit.get("confidence")
-            item.setToolTip(f"{hit.get('caption', '')}\ntile {hit.get('tile_id')} (row {hit.get('row')}, "
-                            f"col {hit.get('col')})" + (f", confidence {conf:.2f}" if conf is not None else ""))
-            self.results.addItem(item)
+            self.results.addItem(self._item(rank, hit))
         self.results.blockSignals(False)
         if layer is not None:
-            select_tiles(layer, [h["tile_id"] for h in self.hits])
-            if self.iface is not None:  # QGIS's opaque yellow would hide the imagery under a zoomed hit
+            if not self.hits:
+                layer.removeSelection()
+            if self.iface is not None:  # QGIS's opaque yellow would hide the imagery under the selected hit
                 translucent_selection(self.iface.mapCanvas())
             if self.style_check.isChecked():
-                apply_score_style(layer, self.hits)
+                apply_hit_style(layer, self.hits, self.match_line, reference)
             else:
                 apply_default_style(layer)
         device = self.backend.get("device")
         where = f" · {self.backend.get('mode')}{' on ' + device if device else ''}" if self.backend else ""
-        self._status(f"{len(self.hits)} {what}{where}")
+        good = sum(1 for h in self.hits if is_good(h, self.match_line))
+        self._status(f"{good} {what}" + (f", {len(self.hits) - good} weak" if good < len(self.hits) else "") + where)
+        self.match_label.setText(self._match_words(good))
         if self.hits:
-            self.results.setCurrentRow(0)
+            self._quiet = True
+            try:
+                self.results.setCurrentRow(0)
+            finally:
+                self._quiet = False
+
+    def _item(self, rank: int, hit: dict) -> QListWidgetItem:
+        score, caption = hit.get("score"), hit.get("caption", "")
+        weak = not is_good(hit, self.match_line)
+        text = f"{rank:>2}. {score:.3f}{'  weak' if weak else ''}  {caption}" if score is not None else caption
+        item = QListWidgetItem(text)
+        item.setData(TILE_ROLE, hit.get("tile_id"))
+        conf = hit.get("confidence")
+        tip = (f"{caption}\ntile {hit.get('tile_id')} (row {hit.get('row')}, col {hit.get('col')})"
+               + (f", confidence {conf:.2f}" if conf is not None else ""))
+        if weak:
+            item.setForeground(QBrush(QColor(130, 130, 130)))
+            tip += (f"\nbelow this query's match line {self.match_line:.3f}: it scores no better than "
+                    "images of unrelated scenes do")
+        item.setToolTip(tip)
+        return item
+
+    def _match_words(self, good: int) -> str:
+        if self.match_line is None or not self.hits:
+            return ""
+        if not good:
+            return (f"<b>No good match</b>: every hit scores below this query's match line "
+                    f"{self.match_line:.3f} (the model's scores for images of unrelated scenes); "
+                    "these are only the closest tiles.")
+        return f"Match line {self.match_line:.3f} (this model, this query): {good} of {len(self.hits)} hits reach it."
 
     # -- navigation ------------------------------------------------------------------------------
     def step(self, delta: int) -> None:
         if not self.hits:
             return
-        row = (self.results.currentRow() + delta) % len(self.hits)
+        current = self.results.currentRow()
+        row = (current + delta) % len(self.hits) if current >= 0 else (0 if delta > 0 else len(self.hits) - 1)
         self.results.setCurrentRow(row)
 
     def _current_changed(self, row: int) -> None:
-        if 0 <= row < len(self.hits):
+        """The hit the list points at is the one tile selected on the map (selecting them all
+        painted the score colours over); the map moves to it unless a new list is being shown."""
+        if not 0 <= row < len(self.hits):
+            return
+        layer = QgsProject.instance().mapLayer(self._hits_layer_id) if self._hits_layer_id else None
+        if layer is not None:
+            select_tiles(layer, [self.hits[row]["tile_id"]])
+        if not self._quiet:
             self.zoom_to_row(row)
 
     def zoom_to_row(self, row: int) -> bool:

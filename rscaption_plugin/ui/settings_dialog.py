@@ -1,7 +1,13 @@
-"""Settings dialog: backend Python and mode, default model, device, tiling defaults."""
+"""Settings dialog: backend Python and mode, default model, device, tiling defaults.
+
+The mode list reads as the caption dialog's (never the stored keys) and, like it, offers
+In-process only where QGIS's Python can import torch; the note under Backend Python says what an
+empty field means for this copy of the plugin (an installed zip has no project .venv).
+"""
 
 from __future__ import annotations
 
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDialog,
@@ -9,15 +15,16 @@ from qgis.PyQt.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QPushButton,
     QSpinBox,
     QWidget,
 )
 
-from ..core.paths import default_backend_python
-from ..core.settings import BACKEND_MODES, DEVICES, PluginSettings
+from ..core.paths import default_backend_python, default_python_note, torch_importable
+from ..core.settings import BACKEND_MODES, DEVICES, MODE_LABELS, PluginSettings
+from .dialog_state import NO_TORCH_TIP
+from .wrap_label import WrapLabel
 
 
 class SettingsDialog(QDialog):
@@ -29,13 +36,19 @@ class SettingsDialog(QDialog):
 
         self.mode_combo = QComboBox()
         for mode in BACKEND_MODES:
-            self.mode_combo.addItem(mode, mode)
-        self.mode_combo.setCurrentIndex(max(0, self.mode_combo.findData(self.settings.backend_mode)))
+            self.mode_combo.addItem(MODE_LABELS[mode], mode)
+        inprocess = torch_importable()
+        if not inprocess:  # as in the caption dialog: disabled, with the reason as its tooltip
+            index = self.mode_combo.findData("inprocess")
+            self.mode_combo.model().item(index).setEnabled(False)
+            self.mode_combo.setItemData(index, NO_TORCH_TIP, Qt.ItemDataRole.ToolTipRole)
+        mode = self.settings.backend_mode if inprocess or self.settings.backend_mode != "inprocess" else "auto"
+        self.mode_combo.setCurrentIndex(max(0, self.mode_combo.findData(mode)))
         form.addRow("Backend mode", self.mode_combo)
 
         self.python_edit = QLineEdit(self.settings.backend_python)
         self.python_edit.setPlaceholderText(default_backend_python() or "run \"Set up backend\" to create one")
-        browse = QPushButton("…")
+        browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse)
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
@@ -44,7 +57,8 @@ class SettingsDialog(QDialog):
         holder = QWidget()
         holder.setLayout(row)
         form.addRow("Backend Python", holder)
-        form.addRow("", QLabel("empty: the project's .venv if present, else the \"Set up backend\" env"))
+        self.python_note = WrapLabel(default_python_note())
+        form.addRow("", self.python_note)
 
         self.model_edit = QLineEdit(self.settings.default_model)
         form.addRow("Default model", self.model_edit)

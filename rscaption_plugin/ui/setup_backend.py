@@ -8,7 +8,11 @@ only (no Ray, training or test tools, which live in the source tree's ``requirem
 backend source itself is copied in, so the env works even if the plugin folder moves.
 
 The steps are plain argv lists so the dialog can run them with QProcess (GUI stays live) and
-tests/CLI can run them with subprocess.
+tests/CLI can run them with subprocess. Before Start the dialog says what will be installed and how
+large it is (``core/setup_plan.py``: on Linux without an NVIDIA GPU, the CPU build of torch rather
+than 4 GB of CUDA libraries). Closing the window does not stop an install: the plugin keeps the one
+dialog, so reopening shows the running install (never a second pip into the same folder), and the
+end is announced in QGIS's message bar.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from qgis.PyQt.QtCore import QProcess, QProcessEnvironment
 from qgis.PyQt.QtGui import QGuiApplication
 from qgis.PyQt.QtWidgets import (
+    QCheckBox,
     QDialog,
     QDialogButtonBox,
     QHBoxLayout,
@@ -33,6 +38,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..core.paths import backend_dir, backend_venv_dir, requirements_file, venv_python
+from ..core.setup_plan import CPU_TORCH_INDEX, cpu_build_helps, install_plan, torch_pins
 
 def base_python() -> str:
     """The interpreter QGIS itself embeds, to create the venv from. Inside QGIS ``sys.executable``
@@ -51,8 +57,9 @@ def base_python() -> str:
 
 
 def setup_steps(target: Path | None = None, python: str | None = None, requirements: Path | None = None,
-                extra_pip_args: list[str] | None = None) -> list[tuple[str, list[str]]]:
-    """(label, argv) for each step; argv[0] of later steps is the new env's python."""
+                extra_pip_args: list[str] | None = None, cpu_torch: bool = False) -> list[tuple[str, list[str]]]:
+    """(label, argv) for each step; argv[0] of later steps is the new env's python. ``cpu_torch``:
+    torch and torchvision, as pinned, from the PyTorch CPU wheel index first (no CUDA libraries)."""
     target = Path(target or backend_venv_dir())
     python = python or base_python()
     requirements = Path(requirements or requirements_file() or "requirements.txt")
@@ -71,9 +78,13 @@ def setup_steps(target: Path | None = None, python: str | None = None, requireme
         "print('rscaption', rscaption.__version__, 'torch', torch.__version__, 'rasterio', rasterio.__version__, "
         "'device', pick_device(None))"
     )
+    pins = torch_pins(requirements) if cpu_torch else []
+    cpu = [("Install torch, CPU build (no CUDA libraries)",
+            [py, "-m", "pip", "install", *pins, "--index-url", CPU_TORCH_INDEX, *(extra_pip_args or [])])] if pins else []
     return [
         ("Create the virtual environment", [python, "-m", "venv", "--system-site-packages", str(target)]),
         ("Upgrade pip", [py, "-m", "pip", "install", "--upgrade", "pip"]),
+        *cpu,
         ("Install pinned requirements (torch is large: minutes)",
          [py, "-m", "pip", "install", "-r", str(requirements), *(extra_pip_args or [])]),
         ("Install the rscaption backend", [py, "-c", copy_code, src]),
@@ -104,23 +115,33 @@ def _clean_env() -> dict:
 class SetupBackendDialog(QDialog):
     """Runs the steps with QProcess, one after another, streaming their output to a log."""
 
-    def __init__(self, parent=None, target: Path | None = None, steps=None, on_success=None):
+    def __init__(self, parent=None, target: Path | None = None, steps=None, on_success=None, on_done=None):
         super().__init__(parent)
         self.setWindowTitle("rscaption — Set up backend")
         self.target = Path(target or backend_venv_dir())
         self._steps = steps
         self.on_success = on_success
+        self.on_done = on_done  # (ok, message): the plugin announces the end in the message bar
         self.process: QProcess | None = None
         self.index = -1
         self.succeeded: bool | None = None
         lay = QVBoxLayout(self)
-        lay.addWidget(QLabel("Creates a Python environment with torch and the rscaption backend.\n"
-                             "Needs ~6 GB of disk and a few minutes; QGIS stays usable meanwhile."))
+        lay.addWidget(QLabel("Creates a Python environment with torch and the rscaption backend."))
         row = QHBoxLayout()
         row.addWidget(QLabel("Location"))
         self.target_edit = QLineEdit(str(self.target))
         row.addWidget(self.target_edit, 1)
         lay.addLayout(row)
+        plan = install_plan(requirements_file())
+        self.cpu_check = QCheckBox("Install the CPU build of torch (no NVIDIA CUDA libraries)")
+        self.cpu_check.setChecked(plan.cpu_torch)
+        self.cpu_check.setVisible(cpu_build_helps() and bool(torch_pins(requirements_file())))
+        lay.addWidget(self.cpu_check)
+        self.plan_label = QLabel("")  # what Start installs and its size, before it starts
+        self.plan_label.setWordWrap(True)
+        lay.addWidget(self.plan_label)
+        self.cpu_check.toggled.connect(lambda _on: self._show_plan())
+        self.target_edit.textChanged.connect(lambda _t: self._show_plan())
         self.progress = QProgressBar()
         lay.addWidget(self.progress)
         self.step_label = QLabel("")
@@ -146,6 +167,18 @@ class SetupBackendDialog(QDialog):
         buttons.addButton(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
         lay.addWidget(buttons)
+        self._show_plan()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.state() != QProcess.ProcessState.NotRunning
+
+    def plan(self):
+        return install_plan(requirements_file(), cpu_torch=self.cpu_check.isChecked())
+
+    def _show_plan(self) -> None:
+        target = self.target_edit.text().strip() or str(backend_venv_dir())
+        self.plan_label.setText(self.plan().text(target))
 
     def copy_diagnostics(self) -> str:
         """Diagnostics plus the end of the setup log: what a bug report about setup needs."""
@@ -157,15 +190,25 @@ class SetupBackendDialog(QDialog):
         return text
 
     def start(self) -> None:
+        if self.running:  # one install at a time into a folder
+            return
         self.target = Path(self.target_edit.text().strip() or backend_venv_dir())
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.steps = self._steps if self._steps is not None else setup_steps(self.target)
-        self.progress.setRange(0, len(self.steps))
-        self.progress.setValue(0)
         self.index = -1
         self.succeeded = None
+        self.steps = []
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._done(False, f"cannot create {self.target.parent}: {exc.strerror or exc}")
+            return
+        self.steps = self._steps if self._steps is not None else setup_steps(
+            self.target, cpu_torch=self.cpu_check.isChecked())
+        self.progress.setRange(0, len(self.steps))
+        self.progress.setValue(0)
         self.start_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        self.target_edit.setEnabled(False)
+        self.cpu_check.setEnabled(False)
         self._next()
 
     def _next(self) -> None:
@@ -210,6 +253,7 @@ class SetupBackendDialog(QDialog):
         if self.process is not None and self.process.state() != QProcess.ProcessState.NotRunning:
             self.process.kill()
             self._done(False, "stopped")
+            self.process.waitForFinished(5000)  # reaped here, not when the dialog is deleted
 
     def _done(self, ok: bool, message: str) -> None:
         if self.succeeded is not None:
@@ -219,8 +263,12 @@ class SetupBackendDialog(QDialog):
         self.step_label.setText(message)
         self.start_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self.target_edit.setEnabled(True)
+        self.cpu_check.setEnabled(True)
         if ok and self.on_success is not None:
             self.on_success(str(venv_python(self.target)))
+        if self.on_done is not None:
+            self.on_done(ok, message)
 
     def _append(self, text: str) -> None:
         self.log.appendPlainText(text)

@@ -13,6 +13,8 @@ Modules:
 - ``gpu.py``: ``make bench`` on a CUDA device: the default model in fp32/fp16/bf16 at batch 8-256
   (model only and end to end, GPU utilisation from nvidia-smi) and the reference ClipCap
   architecture (ViT-B/32 + GPT-2 small, random weights) per image; skipped without CUDA
+- ``change.py``: ``make bench`` change section: ``rscaption change`` tiles/s on the NAIP 2009/2020
+  pair, end to end and scoring alone (docs/change.md)
 - ``__main__.py``: ``python -m rscaption.bench`` runs ``run.py``
 - ``sections.py``: How `make bench` runs its sections: each one's figures are printed (and the JSON
   report saved) the moment it ends, a section the CPU cannot run is skipped with its reason in one

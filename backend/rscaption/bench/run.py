@@ -7,7 +7,8 @@ in the same process are not.  Each figure compares our path with a reference:
   sequence for each new token, one caption at a time (same model, same tokens);
 - tiling memory: peak RSS reading every tile of a small vs a 16x larger synthetic raster
   (windowed reads must keep this near 1.0);
-- pipeline: end-to-end tiles/s of `caption_raster` on a real raster when one is available.
+- pipeline: end-to-end tiles/s of `caption_raster` on a real raster when one is available;
+- change: tiles/s of `rscaption change` on the NAIP 2009/2020 pair, and of its scoring alone.
 
 Prints the CPU (model, the flags that decide bf16, whether bf16 runs) first, then each section's
 figures as it ends; writes `out/bench.json` after every section. Sections the CPU cannot run (bf16
@@ -184,6 +185,9 @@ def main() -> int:
     sections.run("pipeline", lambda: bench_pipeline(cap), _show_pipeline)
     bench_local_engine(cap, sections=sections.child("roofline"))  # docs/performance.md
     sections.run("search", lambda: bench_search_scale(cap), print_search)  # docs/performance.md, "Search at scale"
+    from .change import bench_change, show_change
+
+    sections.run("change", lambda: bench_change(cap), show_change)  # docs/change.md: rscaption change
     sections.run("gpu", bench_gpu, _show_gpu)  # docs/performance.md, "GPU": skipped without a CUDA device
     say(f"written {out}")
     return 0

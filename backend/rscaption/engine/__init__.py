@@ -8,9 +8,14 @@ Modules:
   ``--yes`` / ``confirm_large``; the conservative tiles/s estimate
 - ``oom.py``: out of accelerator memory in a batch: halve the batch (kept for the run), at one tile
   move the model to the CPU, a warning each step; called from the per-batch step every engine runs
+- ``plan.py``: a run's tiles without lists: resume keys made on demand (``PlanKeys``), the tiles
+  left after a resume as a lazy iterator over one bit per planned tile (``left_to_do``)
 - ``pipeline.py``: ``caption_raster(...)``: tiles -> batches -> embed -> caption -> ``TileStore``,
   with progress, cancel, resume; ``workers=0`` is the earlier sequential loop (the benchmark's
   baseline)
+- ``provenance.py``: what a resume must agree with (caption options: refused in one line when they
+  differ), the compute dtypes that made the tiles (recorded before each run's first commit, both
+  engines), and the stop when the raster changes on disk during a run
 - ``ray.py``: ``caption --engine ray``: shards of whole batches on Ray actors (model loaded once
   per worker, a GPU each when the cluster has them), the driver the one writer through
   ``TileStore``; dead workers retried; Ray imported only here (optional extra)

@@ -13,12 +13,13 @@ written and a resume redoes only the rest.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable
 
 POLL_S = 0.1  # how often blocked threads look at the stop flag and the caller's cancel
 # Beyond this many workers the Python parts of decoding (beam bookkeeping) contend for the GIL;
@@ -87,12 +88,13 @@ class _Failure:
 _END = object()
 
 
-def run_batches(read: Callable, tiles: Sequence, batch_size: int, step: Callable, write: Callable,
+def run_batches(read: Callable, tiles: Iterable, batch_size: int, step: Callable, write: Callable,
                 should_cancel: Callable[[], bool] | None = None, workers: int = 1,
                 stats: FlowStats | None = None, queue_batches: int | None = None) -> bool:
     """Read ``tiles`` in batches, run ``step(batch)`` on ``workers`` threads, ``write(records,
     skipped)`` each result in plan order on the calling thread.  ``read(tile)`` returns an item for
-    the batch or None (skipped as nodata).  Returns True when cancelled.
+    the batch or None (skipped as nodata).  Returns True when cancelled.  ``tiles`` is taken
+    lazily, one batch at a time, so a 10^6-tile plan is never a list.
 
     A read error stops the run after the batches read before it; a step error stops it at once;
     either way batches already finished are still written, then the error is raised here.  Cancel stops handing out batches; those being computed finish and are
@@ -115,10 +117,14 @@ def run_batches(read: Callable, tiles: Sequence, batch_size: int, step: Callable
 
     def reader():
         try:
-            for seq, start in enumerate(range(0, len(tiles), batch_size)):
+            it = iter(tiles)
+            for seq in itertools.count():
                 t0 = time.perf_counter()
                 batch, skipped = [], 0
-                for tile in tiles[start:start + batch_size]:
+                chunk = list(itertools.islice(it, batch_size))
+                if not chunk:
+                    break
+                for tile in chunk:
                     if stop.is_set():
                         return
                     item = read(tile)
@@ -218,7 +224,7 @@ def plan_workers(device, requested: int | None = None) -> tuple[int, int | None]
     return n, max(1, cores // n)
 
 
-def run_local(device, workers: int | None, read: Callable, tiles: Sequence, batch_size: int, step: Callable,
+def run_local(device, workers: int | None, read: Callable, tiles: Iterable, batch_size: int, step: Callable,
               write: Callable, should_cancel: Callable[[], bool] | None = None,
               stats: FlowStats | None = None) -> bool:
     """:func:`run_batches` with the thread plan of :func:`plan_workers`."""

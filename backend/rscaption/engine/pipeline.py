@@ -12,11 +12,12 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
+import itertools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from .local import FlowStats, run_local
 from ..raster.ground import ground_resolution
 from ..store.run_lock import RunLock, check_output_path
 from .run_size import check_run_size
+from . import provenance
+from ..raster.watch import RasterWatch
+from .plan import PlanKeys, left_to_do, tile_key
 from ..raster.paths import is_gdal_path, virtual_fingerprint
 from ..raster.tiling import RasterTiler, Tile, TilingParams
 from ..raster.tile_size import TileChoice, choose_tile_size
@@ -87,11 +91,6 @@ def raster_fingerprint(path: str) -> dict:
             "checksum": h.hexdigest(), "checksum_method": method}
 
 
-def tile_key(fingerprint: str, tile: Tile, tile_size: int, model_hash: str) -> str:
-    c, r, w, hgt = tile.window
-    return f"{fingerprint[:16]}/{c},{r},{w},{hgt}/{tile_size}/{model_hash[:16]}"
-
-
 def _resolve_model(model, device):
     if isinstance(model, (str, os.PathLike)):
         from ..models.registry import load_model
@@ -118,13 +117,16 @@ def run_setup(model, device, raster_path: str, tiling: TilingParams | None, tile
 
 
 def tile_choice_for(cap, raster=None, requested: int | str | None = None,
-                    target_resolution: float | None = None) -> TileChoice:
+                    target_resolution: float | None = None, declared_m: float | None = None) -> TileChoice:
     """The tile size for ``raster`` (a path, or its output metres per pixel) and how it was chosen:
-    the CLI, the worker and the in-process plugin all call this so they agree and say the same."""
+    the CLI, the worker and the in-process plugin all call this so they agree and say the same.
+    ``declared_m``: metres per pixel a person gave for a raster without a CRS (the plugin asks),
+    so its tiles get the trained footprint and its captions the scene checks; a raster's own
+    measure always wins."""
     card = getattr(cap, "card", {}) or {}
     if isinstance(raster, (str, os.PathLike)):
         ground = ground_resolution(raster, target_resolution)
-        m_per_px = ground.m_per_px if ground else None
+        m_per_px = ground.m_per_px if ground else (float(declared_m) if declared_m else None)
     else:
         m_per_px = float(raster) if raster else None
     return choose_tile_size(card, m_per_px, requested)
@@ -136,7 +138,7 @@ def default_tiling_for(cap, raster=None) -> TilingParams:
     return TilingParams(tile_size=tile_choice_for(cap, raster).tile_px)
 
 
-def _batches(tiler: RasterTiler, tiles: Sequence[Tile], batch_size: int,
+def _batches(tiler: RasterTiler, tiles: Iterable[Tile], batch_size: int,
              counts: dict) -> Iterator[list[tuple[Tile, np.ndarray, float]]]:
     """Read tiles in a background thread one batch ahead: rasterio releases the GIL while decoding,
     so reading overlaps with the model instead of adding to it."""
@@ -151,12 +153,14 @@ def _batches(tiler: RasterTiler, tiles: Sequence[Tile], batch_size: int,
                 out.append((t, img.array, img.valid_fraction))
         return out
 
-    chunks = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
-    if not chunks:
+    it = iter(tiles)
+    chunks = iter(lambda: list(itertools.islice(it, batch_size)), [])  # lazily: no list of the plan
+    first = next(chunks, None)
+    if first is None:
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(read_batch, chunks[0])
-        for nxt in chunks[1:] + [None]:
+        fut = pool.submit(read_batch, first)
+        for nxt in itertools.chain(chunks, [None]):
             batch = fut.result()
             if nxt is not None:
                 fut = pool.submit(read_batch, nxt)
@@ -182,23 +186,23 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
     if os.path.isdir(raster_path):  # say so, rather than GDAL's "not recognized" or IsADirectoryError
         raise RasterError(f"{raster_path} is a directory, not a raster file")
     check_output_path(out_gpkg, raster_path)  # the same checks as the CLI's and the worker's
+    watch = RasterWatch(raster_path)  # before the fingerprint: a change from here on stops the run
     cap, beam_size, tiling, tile_choice, fp = run_setup(model, device, raster_path, tiling, tile_choice,
                                                         language, beam_size)
     model_hash = cap.model_hash
     model_id = cap.model_id
 
     with RasterTiler(raster_path, tiling) as tiler, RunLock(out_gpkg):  # one writer per output
-        check_run_size(tiler.count_tiles(), confirm_large)
-        tiles = tiler.plan()
+        check_run_size(tiler.count_tiles(), confirm_large, upsample=tiler.upsample, source_px=tiler.source_px)
+        tiles = tiler.tiles()  # lazy: memory does not grow with the raster
         store = _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name=str(cap.device),
                             tile_choice=tile_choice)
         try:
             _claim_language(store, language)
+            provenance.claim_caption_options(store, {"beam_size": beam_size, "max_new_tokens": max_new_tokens})
             store.drop_damaged()  # a tile without caption or with a bad embedding is redone, not resumed
-            done = store.done_keys()
-            keys = {t.tile_id: tile_key(fp["checksum"], t, tiling.tile_size, model_hash) for t in tiles}
-            todo = [t for t in tiles if keys[t.tile_id] not in done]
-            resumed = len(tiles) - len(todo)
+            keys = PlanKeys(tiles, fp["checksum"], tiling.tile_size, model_hash)
+            resumed, todo = left_to_do(keys, store.done_keys())
             counts = {"skipped": 0}
             written = 0
             cancelled = False
@@ -209,26 +213,35 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                                      max_new_tokens=max_new_tokens, language=language,
                                      ground_m=tile_choice.m_per_px if tile_choice else None)
 
+            dtypes = set()
+
             def write(records, skipped=0):
                 nonlocal written
                 counts["skipped"] += skipped
+                provenance.check_raster_unchanged(watch, raster_path, store)  # no batch of a changed raster
                 if records:
+                    provenance.record_compute_dtype(store, _compute_dtype_name(cap), dtypes)
                     store.add(records)
                     written += len(records)
                 if on_progress:
                     on_progress(resumed + written + counts["skipped"], total, records)
 
             stats = None
-            if workers == 0:
-                for batch in _batches(tiler, todo, batch_size, counts):
-                    if should_cancel and should_cancel():
-                        cancelled = True
-                        break
-                    write(step(batch))
-            else:
-                stats = FlowStats()
-                cancelled = run_local(cap.device, workers, functools.partial(_read_item, tiler), todo, batch_size,
-                                      step, write, should_cancel, stats)
+            try:
+                if workers == 0:
+                    for batch in _batches(tiler, todo, batch_size, counts):
+                        if should_cancel and should_cancel():
+                            cancelled = True
+                            break
+                        write(step(batch))
+                else:
+                    stats = FlowStats()
+                    cancelled = run_local(cap.device, workers, functools.partial(_read_item, tiler), todo,
+                                          batch_size, step, write, should_cancel, stats)
+            except Exception:  # a read error of a raster rewritten under the reader: say what happened
+                if watch.changed():
+                    raise provenance.raster_changed(raster_path, store) from None
+                raise
             summary = RunSummary(total=total, written=written, skipped_nodata=counts["skipped"],
                                  resumed=resumed, cancelled=cancelled,
                                  seconds=time.perf_counter() - t0, out_path=os.path.abspath(out_gpkg),
@@ -236,6 +249,7 @@ def caption_raster(raster_path: str, out_gpkg: str, model="default", tiling: Til
                                  stages=stats.to_dict() if stats else None)
             store.set_metadata({"last_run": summary.to_dict(),
                                 "finished": None if cancelled else _now()})
+            store.write_default_style()  # QGIS opens the file styled, whoever made it (store/tile_style.py)
         finally:
             store.close()
     if summary.total and summary.skipped_nodata == summary.total:
@@ -280,8 +294,9 @@ def _caption_chunk(cap, batch, keys: dict, *, beam_size: int, max_new_tokens: in
     caps = cap.caption(emb, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language,
                        ground_m=ground_m)
     now = _now()
-    return [TileRecord(tile_id=t.tile_id, row=t.row, col=t.col, polygon=t.polygon, caption=text,
-                       confidence=float(conf), embedding=np.asarray(e, dtype=np.float32),
+    # the map polygon of an edge tile is the part its neighbour does not cover (raster/tiling.py)
+    return [TileRecord(tile_id=t.tile_id, row=t.row, col=t.col, polygon=t.map_polygon or t.polygon,
+                       caption=text, confidence=float(conf), embedding=np.asarray(e, dtype=np.float32),
                        key=keys[t.tile_id], model=cap.model_id, created=now, window=t.window,
                        valid_fraction=float(vf))
             for (t, _, vf), e, (text, conf) in zip(batch, emb, caps)]
@@ -324,14 +339,16 @@ def _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite, device_name
         "software": {"name": "rscaption", "version": __version__},
         "started": _now(),
         "device": device_name,
-        "compute_dtype": _compute_dtype_name(cap),
+        "compute_dtype": None, "compute_dtypes": [],  # set before the first tile (provenance.py)
     }
     if os.path.exists(out_gpkg) and not overwrite:
         if not resume:
             raise StoreError(f"{out_gpkg} exists; pass --overwrite to replace it or --resume to continue it")
-        store = TileStore.open(out_gpkg)
+        store = TileStore.open(out_gpkg, any_embedding_size=True)  # wrong-size embeddings: redone as damage
         old = store.metadata()
         problems = []
+        if store.embed_dim != _embed_dim(cap):
+            problems.append(f"a model of {store.embed_dim}-value embeddings (this one makes {_embed_dim(cap)})")
         if old.get("model", {}).get("hash") != cap.model_hash:
             problems.append("a different model")
         if old.get("source_raster", {}).get("checksum") != fp["checksum"]:

@@ -20,13 +20,17 @@ path exists for, used by the tests on a real local cluster.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
-from collections import deque
 
 from ..errors import RscaptionError
-from .pipeline import RunSummary, _claim_language, _open_store, _refuse_all_nodata, caption_batch, run_setup, tile_key
+from .pipeline import (RunSummary, _claim_language, _compute_dtype_name, _open_store, _refuse_all_nodata,
+                       caption_batch, run_setup)
+from . import provenance
+from ..raster.watch import RasterWatch
+from .plan import PlanKeys, left_to_do
 from ..raster.paths import check_raster_path, worker_path
 from ..store.run_lock import RunLock, check_output_path
 from .run_size import check_run_size
@@ -79,7 +83,8 @@ class ShardWorker:
             records += caption_batch(self.cap, batch, keys, beam_size=s["beam_size"],
                                      max_new_tokens=s["max_new_tokens"], language=s["language"],
                                      ground_m=s.get("ground_m"))
-        return {"index": index, "records": records, "skipped": skipped, "pid": os.getpid()}
+        return {"index": index, "records": records, "skipped": skipped, "pid": os.getpid(),
+                "compute_dtype": _compute_dtype_name(self.cap)}  # this worker's, not the driver's
 
     def _maybe_die(self, index: int) -> None:
         shard, _, marker = (self.spec.get("kill_once") or "::").partition(":")
@@ -112,6 +117,7 @@ def caption_raster_ray(raster_path: str, out_gpkg: str, model="default", model_s
         model_spec = str(model)
     if os.path.isdir(model_spec):
         model_spec = os.path.abspath(model_spec)
+    watch = RasterWatch(raster_path)  # before the fingerprint: a change from here on stops the run
     # the driver only needs the model's hash, card and embedding size: its copy stays on the CPU
     cap, beam_size, tiling, tile_choice, fp = run_setup(model, "cpu", raster_path, tiling, tile_choice,
                                                         language, beam_size)
@@ -119,45 +125,56 @@ def caption_raster_ray(raster_path: str, out_gpkg: str, model="default", model_s
     owns_ray = _connect(ray, address)
     try:
         with RasterTiler(raster_path, tiling) as tiler, RunLock(out_gpkg):  # one writer per output
-            check_run_size(tiler.count_tiles(), confirm_large)
-            tiles = tiler.plan()
+            check_run_size(tiler.count_tiles(), confirm_large, upsample=tiler.upsample, source_px=tiler.source_px)
+            tiles = tiler.tiles()  # lazy, like the local engine: shards are cut as workers take them
             slots, options, worker_device = _slots(ray, device, cpus_per_worker, workers)
             store = _open_store(out_gpkg, tiler, cap, fp, tiling, resume, overwrite,
                                 device_name=f"ray ({slots} x {worker_device})", tile_choice=tile_choice)
             try:
                 _claim_language(store, language)
+                provenance.claim_caption_options(store, {"beam_size": beam_size, "max_new_tokens": max_new_tokens})
                 store.drop_damaged()
-                done = store.done_keys()
-                keys = {t.tile_id: tile_key(fp["checksum"], t, tiling.tile_size, cap.model_hash) for t in tiles}
-                todo = [t for t in tiles if keys[t.tile_id] not in done]
+                keys = PlanKeys(tiles, fp["checksum"], tiling.tile_size, cap.model_hash)
+                resumed, todo = left_to_do(keys, store.done_keys())
                 size = batch_size * max(1, int(shard_batches))
-                shards = [todo[i:i + size] for i in range(0, len(todo), size)]
+                shards = iter(lambda: list(itertools.islice(todo, size)), [])
                 spec = {"model": model_spec, "model_hash": cap.model_hash, "device": worker_device,
                         "precision": getattr(cap, "precision", None),
                         "ground_m": tile_choice.m_per_px if tile_choice else None,
                         "raster": worker_path(raster_path), "tiling": tiling, "batch_size": batch_size,
                         "beam_size": beam_size, "max_new_tokens": max_new_tokens, "language": language,
                         "threads": options.get("num_cpus"), "kill_once": os.environ.get(KILL_ENV)}
-                total, resumed = len(tiles), len(tiles) - len(todo)
+                total = len(tiles)
                 counts = {"written": 0, "skipped": 0}
                 if on_progress:
                     on_progress(resumed, total, [])
 
+                dtypes = set()
+
                 def commit(result):
                     records = result["records"]
+                    provenance.check_raster_unchanged(watch, raster_path, store)  # no shard of a changed raster
+                    if records:
+                        provenance.record_compute_dtype(store, result["compute_dtype"], dtypes)
                     counts["written"] += store.add(records)
                     counts["skipped"] += result["skipped"]
                     if on_progress:
                         on_progress(resumed + counts["written"] + counts["skipped"], total, records)
 
-                cancelled = _run_shards(ray, shards, keys, spec, min(slots, len(shards)), options,
-                                        max_retries, commit, should_cancel)
+                try:
+                    cancelled = _run_shards(ray, shards, keys, spec, slots, options, max_retries, commit,
+                                            should_cancel)
+                except Exception:  # a worker's read error on a raster rewritten under it: say what happened
+                    if watch.changed():
+                        raise provenance.raster_changed(raster_path, store) from None
+                    raise
                 summary = RunSummary(total=total, written=counts["written"], skipped_nodata=counts["skipped"],
                                      resumed=resumed, cancelled=cancelled, seconds=time.perf_counter() - t0,
                                      out_path=os.path.abspath(out_gpkg), model_id=cap.model_id,
                                      device=f"ray: {slots} x {worker_device}")
                 store.set_metadata({"last_run": summary.to_dict(),
                                     "finished": None if cancelled else _utc_now()})
+                store.write_default_style()  # QGIS opens the file styled, whoever made it
             finally:
                 store.close()
     finally:
@@ -196,26 +213,30 @@ def _slots(ray, device, cpus_per_worker, workers):
 
 
 def _run_shards(ray, shards, keys, spec, n_workers, options, max_retries, commit, should_cancel) -> bool:
-    """Keep every worker busy with shards, commit each result as it arrives; True if cancelled."""
-    if not shards:
+    """Keep every worker busy with shards (an iterator, cut as workers take them), commit each
+    result as it arrives; True if cancelled."""
+    ahead = list(itertools.islice(shards, n_workers))  # no more actors (model loads) than shards
+    if not ahead:
         return False
+    n_workers = len(ahead)
+    queue = enumerate(itertools.chain(ahead, shards))
+    nxt = next(queue, None)
     from ray.exceptions import RayActorError, RayTaskError
 
     remote = ray.remote(ShardWorker).options(max_restarts=max_retries, max_task_retries=max_retries,
                                              **options)
     actors = [remote.remote(spec) for _ in range(n_workers)]
-    queue = deque(range(len(shards)))
     pending = {}  # object ref -> (actor index, shard index)
     load = [0] * n_workers
     try:
-        while queue or pending:
+        while nxt is not None or pending:
             if should_cancel and should_cancel():
                 return True
             for a in range(n_workers):
-                while queue and load[a] < IN_FLIGHT_PER_WORKER:
-                    i = queue.popleft()
-                    shard_keys = {t.tile_id: keys[t.tile_id] for t in shards[i]}
-                    pending[actors[a].run.remote(i, shards[i], shard_keys)] = (a, i)
+                while nxt is not None and load[a] < IN_FLIGHT_PER_WORKER:
+                    (i, shard), nxt = nxt, next(queue, None)
+                    shard_keys = {t.tile_id: keys[t.tile_id] for t in shard}
+                    pending[actors[a].run.remote(i, shard, shard_keys)] = (a, i)
                     load[a] += 1
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=_POLL_S)
             for ref in ready:

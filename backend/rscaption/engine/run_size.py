@@ -5,6 +5,10 @@ tiles, about 128 hours of work. Above :data:`LARGE_RUN_TILES` planned tiles the 
 the plugin say how many tiles and roughly how long, and start only when the user confirmed
 (``--yes``, ``confirm_large`` in the worker protocol, a dialog in the plugin). The check runs on
 the tile *count* (no tile list, no pixels read), so refusing is instant whatever the raster size.
+
+A run of fewer tiles is as wasteful when each tile is enlarged from a handful of source pixels
+(``--resolution 1e-9``: 65,536 tiles of one source pixel each, hours of captions of blur): above
+:data:`UPSAMPLED_RUN_FACTOR` the same confirmation is needed, whatever the count.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ LARGE_RUN_TILES = 100_000
 # beam 3) captions about 8-15 tiles/s on 2 CPU cores and far more on a GPU; 5 tiles/s keeps the
 # estimate on the long side for slow laptops, bigger models and the I/O of real mosaics.
 CONSERVATIVE_TILES_PER_S = 5.0
+
+# Tiles enlarged more than this many times per side (e.g. 16 x 16 source pixels to a 256 px tile)
+# need the confirmation too; input_check warns from UPSAMPLE_WARN on.
+UPSAMPLED_RUN_FACTOR = 16.0
 
 
 class LargeRunError(RscaptionError):
@@ -51,8 +59,16 @@ def describe(tiles: int) -> str:
             f"at {CONSERVATIVE_TILES_PER_S:g} tiles/s")
 
 
-def check_run_size(tiles: int, confirmed: bool, how: str = "confirm it (rscaption caption --yes)") -> None:
-    """Raise :class:`LargeRunError` for an unconfirmed run above the threshold."""
+def check_run_size(tiles: int, confirmed: bool, how: str = "confirm it (rscaption caption --yes)",
+                   upsample: float = 1.0, source_px: tuple[int, int] | None = None) -> None:
+    """Raise :class:`LargeRunError` for an unconfirmed run above the threshold, or one whose tiles
+    are enlarged ``upsample`` times per side from ``source_px`` source pixels beyond the limit."""
+    if upsample > UPSAMPLED_RUN_FACTOR and not confirmed:
+        sx, sy = source_px or (0, 0)
+        raise LargeRunError(tiles, estimate_seconds(tiles),
+                            f"this run plans {describe(tiles)}, each upsampled {upsample:,.0f}x from {sx} x {sy} "
+                            f"source pixels (more than {UPSAMPLED_RUN_FACTOR:g}x: captions of blur); {how} to "
+                            "start it, or choose a coarser resolution")
     if tiles > LARGE_RUN_TILES and not confirmed:
         raise LargeRunError(tiles, estimate_seconds(tiles),
                             f"this run plans {describe(tiles)} (more than {LARGE_RUN_TILES:,}); "

@@ -188,7 +188,7 @@ def run_evaluate(args) -> int:
                                 limit=args.limit, meteor=not args.no_meteor,
                                 max_new_tokens=args.max_new_tokens, device=getattr(args, "device", None))
     except RscaptionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"rscaption: error: {exc}", file=sys.stderr)  # the CLI's prefix, as every subcommand
         return 2
     out = getattr(args, "json", None)
     if out == "-":

@@ -26,8 +26,13 @@ Modules:
 - ``scene.py``: ``SceneHead``: the scene posterior and the calibrated confidence (predicted chance
   the caption names the right scene, from prompts and labelled prototypes); honest captions below
   its threshold or naming a scene never seen at the tile's ground resolution
+- ``match_line.py``: a text query's "no good match" line: the 99th percentile of its scores on
+  the scene head's reference images (class prototypes) of scenes other than the 3 its text is
+  nearest; per model and per query, no fixed number
 - ``registry.py``: ``load_model(name_or_path)``: ``default``, a checkpoint dir, open_clip tags /
   ``hf-hub:`` ids, transformers ids
+- ``hub.py``: hub names without a network: offline mode when the hub cannot be reached (one short
+  probe, not 25 s of retries), and the one-line error for a model that is not in the local cache
 - ``tiny.py``: builds tiny random models (tests, ``make demo`` before a default exists)
 - ``tiny_names.py``: the tiny models' names (``tiny-lit-linear-seed2``) both ways: the registry
   parses them, ``tiny.py`` stamps them; no torch

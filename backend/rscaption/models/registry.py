@@ -52,16 +52,13 @@ def default_model_dir() -> Path | None:
     return None
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "0") not in ("", "0", "false", "False")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def _not_available(name: str, exc: Exception, why_offline: str | None) -> ModelError:
+    from .hub import not_cached_message
 
-
-def _not_available(name: str, exc: Exception) -> ModelError:
     if isinstance(exc, ModelError):
         return exc
-    if _offline():
-        return ModelError(f"model '{name}' is not available offline; pass a checkpoint directory")
+    if why_offline:
+        return ModelError(not_cached_message(name, why_offline))
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return ModelError(f"cannot load model '{name}': {first} (offline? pass a checkpoint directory)")
 
@@ -99,6 +96,7 @@ def load_model(name_or_path="default", device=None, dtype=None, precision=None):
     ``precision`` (fp32 | bf16 | auto) is what inference computes in when the weights are fp32 on a
     CPU: default fp32, auto means bf16 where the CPU has AMX-BF16 and runs it (``device.compute_dtype``).
     An explicit bf16 that this CPU cannot run is a ModelError here, before the model loads."""
+    _refuse_missing_hub_model(str(name_or_path))  # before torch is imported: offline, one line at once
     from ..device import compute_dtype, parse_dtype, parse_precision, pick_device
 
     precision = parse_precision(precision)
@@ -109,9 +107,23 @@ def load_model(name_or_path="default", device=None, dtype=None, precision=None):
     return cap
 
 
+def _refuse_missing_hub_model(name: str) -> None:
+    """A hub name that is neither cached nor downloadable here (``hub.offline_and_missing``)."""
+    if name == DEFAULT_NAME or name in _REGISTERED or name.startswith("tiny"):  # parse_tiny_name imports torch
+        return
+    if name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        return
+    from .hub import offline_and_missing
+
+    message = offline_and_missing(name)
+    if message:
+        raise ModelError(message)
+
+
 def _load_model(name_or_path, device, dtype):
     from .checkpoint import load_checkpoint
     from .checkpoint_save import is_checkpoint_dir
+    from .hub import offline_unless_reachable
     from .weights import quiet_loading
 
     name = str(name_or_path)
@@ -141,8 +153,9 @@ def _load_model(name_or_path, device, dtype):
     if name.startswith((".", "/", "~")) or (name.count("/") > 1 and not name.startswith("hf-hub:")):
         raise ModelError(f"checkpoint directory not found: {name}")
 
+    offline = None
     try:
-        with quiet_loading():
+        with quiet_loading(), offline_unless_reachable() as offline:  # no network: no 25 s of retries
             split = _open_clip_split(name)
             if split is not None:
                 from .encoders import OpenClipEncoder
@@ -164,7 +177,7 @@ def _load_model(name_or_path, device, dtype):
                 raise ModelError(f"'{name}' is a {config.model_type} model, not a CLIP encoder or an rscaption checkpoint")
             return _search_only(HFClipEncoder.from_pretrained(name), name, "hf_clip").to_device(device, dtype)
     except Exception as exc:
-        raise _not_available(name, exc) from None
+        raise _not_available(name, exc, offline) from None
 
 
 def _is_public_dir(path: Path) -> bool:

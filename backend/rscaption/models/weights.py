@@ -62,7 +62,8 @@ def load_into(module: torch.nn.Module, state: dict, what: str, prefix: str = "")
 @contextlib.contextmanager
 def quiet_loading():
     """transformers progress bars/load reports and open_clip's root-logger warnings about random
-    init are noise for a CLI that loads known checkpoints; errors still raise."""
+    init are noise for a CLI that loads known checkpoints; errors still raise (open_clip also logs
+    the error it raises, a second line beside the CLI's one: kept quiet too)."""
     import logging
 
     try:
@@ -76,7 +77,7 @@ def quiet_loading():
         hf_logging.disable_progress_bar()
     root = logging.getLogger()
     old_root = root.level
-    root.setLevel(max(old_root, logging.ERROR))
+    root.setLevel(max(old_root, logging.CRITICAL))
     try:
         yield
     finally:

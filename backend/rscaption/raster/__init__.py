@@ -10,12 +10,17 @@ Modules:
   ellipsoid radii at the raster centre; no CRS: None); its maths imports only ``math``, so the
   plugin uses it too
 - ``input_check.py``: warnings before a run: one floating-point band (not imagery), ground
-  resolution far from the model card's
+  resolution far from the model card's, tiles upsampled from a few source pixels, GCP placement
+- ``georef.py``: where tiles lie: the geotransform, else an affine fit to the raster's GCPs (in
+  their CRS), else pixel coordinates; one line for the user when it is not a plain geotransform
 - ``tile_size.py``: ``--tile-size auto``: tile pixels from metres per pixel and the model card
   (``tile_size_by_resolution`` anchors, else constant footprint), and the one-line footprint
   sentence; pure Python
 - ``paths.py``: GDAL virtual paths (``/vsicurl/``, ``/vsis3/``, ``/vsizip/`` ...) as rasters:
-  existence checks that let them through, their resume fingerprint from GDAL window checksums
+  existence checks that let them through, their resume fingerprint from GDAL window checksums,
+  the absolute form a file records (an archive's relative path made absolute)
+- ``watch.py``: ``RasterWatch``: a cheap stamp of the raster's local file, compared before each
+  batch is committed, so a raster overwritten during a run stops it
 
 Contract (tiling)::
 
@@ -23,7 +28,10 @@ Contract (tiling)::
                  nodata_threshold=0.95, percentiles=(2.0, 98.0))
     tiler = RasterTiler(path, params)      # raises RasterError (one clear line) on bad input
     tiler.crs_wkt, tiler.epsg              # epsg may be None
-    tiler.plan() -> list[Tile]             # every window, row-major, deterministic tile_id
+    tiler.tiles() -> TilePlan              # every window, row-major, deterministic tile_id, made
+                                           #   from its index (len, [i], [a:b], iter, index_of(window))
+    tiler.plan() -> list[Tile]             # the same as a list (small rasters, tests)
+    tiler.upsample, tiler.source_px        # tile side / source window side; source pixels per tile
     tiler.read(tile) -> TileImage | None   # HxWx3 uint8 (tile_size x tile_size), None if skipped as nodata
     tiler.describe() -> dict               # tiling + stretch parameters for the metadata table
     Tile(tile_id, row, col, window=(col_off, row_off, width, height), polygon=[(x, y) * 5], bounds)

@@ -16,7 +16,8 @@ meridional and prime-vertical radii of curvature, which is exact to first order 
 (ellipsoid choice changes it by well under 0.1 %). Non-square pixels (every geographic raster
 away from the equator) are summarised by the geometric mean of their sides, the side of a square
 pixel of the same area, so a tile's area on the ground is what the model expects.
-No CRS or no geotransform: None, and the caller keeps a pixel tile size.
+No CRS or no geotransform: None, and the caller keeps a pixel tile size (GCPs without a
+geotransform count as the affine fit the tiler places tiles with, ``georef.py``).
 """
 
 from __future__ import annotations
@@ -75,18 +76,20 @@ def ground_resolution(path, target_resolution: float | None = None) -> GroundRes
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
     from ..errors import RasterError
+    from .georef import dataset_georef
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(str(path)) as ds:
-                crs, t, width, height = ds.crs, ds.transform, ds.width, ds.height
+                geo = dataset_georef(ds)  # GCPs without a geotransform: their affine fit, like the tiler
+                crs, t, width, height = geo.crs, geo.transform, ds.width, ds.height
     except RasterioError as exc:
         if not os.path.exists(str(path)) and "://" not in str(path) and not str(path).startswith("/vsi"):
             raise RasterError(f"raster not found: {path}") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RasterError(f"cannot open {path} as a raster: {first}") from None
-    if crs is None or t.is_identity:
+    if crs is None or t is None or t.is_identity:
         return None
     col_vec, row_vec = (t.a, t.d), (t.b, t.e)
     try:

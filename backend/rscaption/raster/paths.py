@@ -41,11 +41,54 @@ def check_raster_path(path) -> None:
         raise RasterError(f"{path} is a directory, not a raster file")
 
 
-def worker_path(path) -> str:
-    """The path another process (a Ray worker) should open: absolute for a local file, as given
-    for a virtual one (``os.path.abspath`` would mangle ``/vsicurl/https://``)."""
+# Handlers whose first path is a file GDAL opens (possibly itself a /vsi path): an archive or a
+# compressed file on the local disk when it does not start with "/".
+_ARCHIVE_PREFIXES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
+
+
+def absolute_path(path) -> str:
+    """The path to record and to hand to another process (a Ray worker, a later ``check --repair``
+    from another folder): absolute for a local file; for an archive handler the archive made
+    absolute (``/vsizip/rel/a.zip/x.tif`` -> ``/vsizip//cwd/rel/a.zip/x.tif``, the braced form
+    too); other virtual paths as given (``os.path.abspath`` would mangle ``/vsicurl/https://``)."""
     path = str(path)
-    return path if is_gdal_path(path) else os.path.abspath(path)
+    if not is_gdal_path(path):
+        return os.path.abspath(path)
+    for prefix in _ARCHIVE_PREFIXES:
+        if path.startswith(prefix):
+            rest = path[len(prefix):]
+            if rest.startswith("{") and "}" in rest:  # /vsizip/{archive}/inner
+                archive, inner = rest[1:].split("}", 1)
+                return prefix + "{" + _absolute_archive(archive) + "}" + inner
+            return prefix + _absolute_archive(rest)
+    return path
+
+
+def _absolute_archive(rest: str) -> str:
+    """``rest`` made absolute where it is a relative local path (a nested /vsi path is absolute)."""
+    return rest if rest.startswith("/") or not rest else os.path.join(os.getcwd(), rest)
+
+
+def local_file_of(path) -> str | None:
+    """The local file whose bytes a run reads: the file itself, or the archive behind
+    ``/vsizip/...`` (the longest leading part that is a file); None for remote objects."""
+    path = absolute_path(path)
+    if not is_gdal_path(path):
+        return path
+    for prefix in _ARCHIVE_PREFIXES:
+        if path.startswith(prefix):
+            rest = path[len(prefix):].lstrip("{").replace("}", "")
+            parts = rest.split("/")
+            for end in range(len(parts), 1, -1):
+                candidate = "/".join(parts[:end])
+                if os.path.isfile(candidate):
+                    return candidate
+    return None
+
+
+def worker_path(path) -> str:
+    """The path another process (a Ray worker) should open: :func:`absolute_path`."""
+    return absolute_path(path)
 
 
 def virtual_fingerprint(path: str) -> dict:
@@ -73,5 +116,5 @@ def virtual_fingerprint(path: str) -> dict:
     except RasterioError as exc:
         raise RasterError(f"cannot open {path} as a raster: {' '.join(str(exc).split())}") from None
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
-    return {"path": path, "size": None, "mtime": None, "checksum": digest,
+    return {"path": absolute_path(path), "size": None, "mtime": None, "checksum": digest,
             "checksum_method": "gdal-window-checksums"}

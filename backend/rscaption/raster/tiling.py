@@ -9,7 +9,9 @@ Grid and edges
     to whole pixels and clipped to the raster) and step by ``tile_size - overlap`` output pixels.
     The last row/column of windows is shifted inward so it ends exactly on the region's edge: no
     content is dropped and nothing is read past the edge (the last windows overlap their
-    neighbours a bit more). If the region is smaller than one tile in a dimension, the whole region
+    neighbours a bit more). Such a tile's caption describes its whole window, but its map polygon
+    (``Tile.map_polygon``, what the GeoPackage stores) starts where the regular grid would have put
+    it, so edge tiles do not stack on their neighbours (a click picks one tile, no doubled lines). If the region is smaller than one tile in a dimension, the whole region
     is read in that dimension and the image is padded at the bottom/right with the fill value; the
     polygon covers only the real data window, never the padding.
 
@@ -46,8 +48,13 @@ Georeferencing
     A raster without CRS and geotransform is accepted: coordinates are pixel coordinates with y
     negated (x = column, y = -row), which is how QGIS places an ungeoreferenced raster, so the
     polygons still land on the image. ``crs_wkt``/``epsg`` are None and ``describe()`` says
-    ``georeferenced: false``. Rotated and geographic transforms need nothing special: polygons are
-    the window corners through the geotransform.
+    ``georeferenced: false``. A raster with GCPs and no geotransform is placed by an affine fit to
+    its GCPs, in their CRS (``georef.py``). Rotated and geographic transforms need nothing special:
+    polygons are the window corners through the geotransform.
+
+Plan
+    :meth:`RasterTiler.tiles` makes each tile from its index (row-major), so planning, counting and
+    resuming a 10^6-tile mosaic hold no list of tiles: memory does not grow with the raster.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -66,6 +74,7 @@ from rasterio.windows import Window
 
 from ..errors import RasterError
 from ..limits import MAX_TILE_PX  # the bound of a tile, in limits' one table
+from .georef import dataset_georef
 from .paths import check_raster_path, worker_path
 from .stretch import identity, percentile_stretch, sample_shape
 
@@ -127,6 +136,9 @@ class Tile:
     window: tuple[int, int, int, int]  # col_off, row_off, width, height in source pixels
     polygon: list  # closed ring of 5 (x, y) in the raster CRS
     bounds: tuple[float, float, float, float]  # minx, miny, maxx, maxy
+    # the ring drawn on the map when it is less than the window: a last row/column pulled back onto
+    # the edge shows only what its neighbour does not (see "Grid and edges"); None: the whole window
+    map_polygon: list | None = None
 
 
 @dataclass(frozen=True)
@@ -135,13 +147,83 @@ class TileImage:
     valid_fraction: float
 
 
-def _offsets(start: int, length: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """(offset, length) of windows along one axis; the last one is pulled back onto the edge."""
-    if length <= size:
-        return [(start, length)]
-    n = math.ceil((length - size) / stride) + 1
-    offsets = [start + i * stride for i in range(n - 1)] + [start + length - size]
-    return [(o, size) for o in offsets]
+@dataclass(frozen=True)
+class _Axis:
+    """Windows along one axis by arithmetic: window ``i`` is ``(offset, length)``; the last one is
+    pulled back onto the edge."""
+
+    start: int
+    length: int
+    size: int
+    stride: int
+
+    @property
+    def n(self) -> int:
+        return 1 if self.length <= self.size else math.ceil((self.length - self.size) / self.stride) + 1
+
+    def window(self, i: int) -> tuple[int, int]:
+        if self.length <= self.size:
+            return self.start, self.length
+        last = i == self.n - 1
+        return (self.start + self.length - self.size if last else self.start + i * self.stride), self.size
+
+    def shown(self, i: int) -> tuple[int, int]:
+        """The part of window ``i`` the map shows: a window pulled back onto the edge starts where
+        the regular grid would have put it, so it overlaps its neighbour no more than others do."""
+        offset, size = self.window(i)
+        start = max(offset, self.start + i * self.stride) if self.length > self.size else offset
+        return start, offset + size - start
+
+    def index(self, offset: int, length: int) -> int | None:
+        for i in {min(self.n - 1, max(0, (offset - self.start) // self.stride)), self.n - 1}:
+            if self.window(i) == (offset, length):
+                return i
+        return None
+
+
+class TilePlan(Sequence):
+    """Every tile of a :class:`RasterTiler`, row-major, each made from its index when asked (a
+    list of a 15-million-tile mosaic took 2.6 KB a tile before the first was read)."""
+
+    def __init__(self, tiler: "RasterTiler", cols: _Axis, rows: _Axis):
+        self._tiler, self._cols, self._rows = tiler, cols, rows
+        self.n_cols, self.n_rows = cols.n, rows.n
+
+    def __len__(self) -> int:
+        return self.n_cols * self.n_rows
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if i < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"tile index {i} out of range")
+        ri, ci = divmod(i, self.n_cols)
+        (coff, cw), (roff, rh) = self._cols.window(ci), self._rows.window(ri)
+        ring = self._tiler._ring(coff, roff, cw, rh)
+        xs, ys = [x for x, _ in ring], [y for _, y in ring]
+        (sc, sw), (sr, sh) = self._cols.shown(ci), self._rows.shown(ri)
+        shown = None if (sc, sr, sw, sh) == (coff, roff, cw, rh) else self._tiler._ring(sc, sr, sw, sh)
+        return Tile(i, ri, ci, (coff, roff, cw, rh), ring, (min(xs), min(ys), max(xs), max(ys)), shown)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def index_of(self, window) -> int | None:
+        """The index of the tile with this source window, or None when it is not in the plan."""
+        coff, roff, cw, rh = window
+        ci, ri = self._cols.index(coff, cw), self._rows.index(roff, rh)
+        return None if ci is None or ri is None else ri * self.n_cols + ci
+
+
+def source_tile_px(tile_size: int, scale: tuple[float, float]) -> tuple[int, int]:
+    """Source pixels (x, y) one tile is read from, ``scale`` being output pixel / source pixel."""
+    return max(1, round(tile_size * scale[0])), max(1, round(tile_size * scale[1]))
+
+
+def upsample_factor(tile_size: int, src: tuple[int, int]) -> float:
+    """How many times a tile's side is enlarged from its source window (1 or less: not enlarged)."""
+    return tile_size / math.sqrt(src[0] * src[1])
 
 
 # Tile-size limits (pixels): a tile is one array in memory, and padding beyond the raster is waste.
@@ -172,14 +254,12 @@ class RasterTiler:
         if ds.count < 1 or ds.width < 1 or ds.height < 1:
             raise RasterError(f"{self.path} has no pixels or no bands")
         self.width, self.height = ds.width, ds.height
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            transform = ds.transform
-        self.georeferenced = not (ds.crs is None and transform.is_identity)
-        self.transform = transform if self.georeferenced else _QGIS_PIXEL_TRANSFORM
-        self.crs_wkt = ds.crs.to_wkt() if ds.crs else None
+        geo = dataset_georef(ds)  # a geotransform, else an affine fit to GCPs, else pixel coordinates
+        self.georeferenced, self.georef_source = geo.transform is not None, geo.source
+        self.transform = geo.transform if self.georeferenced else _QGIS_PIXEL_TRANSFORM
+        self.crs_wkt = geo.crs.to_wkt() if geo.crs else None
         try:
-            self.epsg = ds.crs.to_epsg() if ds.crs else None
+            self.epsg = geo.crs.to_epsg() if geo.crs else None
         except Exception:  # odd CRSs can make the authority lookup itself fail
             self.epsg = None
         self.res = (math.hypot(self.transform.a, self.transform.d), math.hypot(self.transform.b, self.transform.e))
@@ -192,13 +272,14 @@ class RasterTiler:
         else:
             scale = (1.0, 1.0)
         self._scale = scale
-        self._src_size = tuple(max(1, round(p.tile_size * s)) for s in scale)  # (x, y)
+        self._src_size = source_tile_px(p.tile_size, scale)  # (x, y)
         self._stride = tuple(max(1, round((p.tile_size - p.overlap) * s)) for s in scale)
+        self.source_px = self._src_size
+        self.upsample = upsample_factor(p.tile_size, self._src_size)  # the large-run guard counts it
         self._check_tile_size()
         shrinking = scale[0] * scale[1] > 1
         self._resampling = Resampling.average if shrinking else Resampling.bilinear
         self._stretch = self._compute_stretch()
-        self._plan = None
 
     def _check_tile_size(self):
         """Refuse, before any allocation, a tile that cannot fit in memory or is mostly padding
@@ -215,12 +296,7 @@ class RasterTiler:
     def count_tiles(self) -> int:
         """How many tiles :meth:`plan` will make, without making them (a huge raster is checked
         for size before millions of Tile objects exist)."""
-        c0, r0, w, h = self.region
-
-        def along(length, size, stride):
-            return 1 if length <= size else math.ceil((length - size) / stride) + 1
-
-        return along(w, self._src_size[0], self._stride[0]) * along(h, self._src_size[1], self._stride[1])
+        return len(self.tiles())
 
     def _extent_window(self, extent) -> tuple[int, int, int, int]:
         minx, miny, maxx, maxy = extent
@@ -269,6 +345,10 @@ class RasterTiler:
         self.bands = bands
         self.band_source = source
         self._read_bands = sorted(set(bands))
+        for b in self._read_bands:  # numpy would drop the imaginary part, warning once per read
+            if ds.dtypes[b - 1].startswith("complex"):
+                raise RasterError(f"band {b} of {self.path} is complex-valued ({ds.dtypes[b - 1]}, e.g. radar "
+                                  "SLC): captioning needs real-valued imagery; convert it to amplitude first")
         self._channels = [self._read_bands.index(b) for b in bands]
         self._is_float = any(np.dtype(ds.dtypes[b - 1]).kind == "f" for b in self._read_bands)
 
@@ -291,20 +371,15 @@ class RasterTiler:
         return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
 
     # -- public API ---------------------------------------------------------------------------------
+    def tiles(self) -> TilePlan:
+        """Every window as a lazy sequence (len, index, slice, iteration): what runs use."""
+        c0, r0, w, h = self.region
+        return TilePlan(self, _Axis(c0, w, self._src_size[0], self._stride[0]),
+                        _Axis(r0, h, self._src_size[1], self._stride[1]))
+
     def plan(self) -> list[Tile]:
-        if self._plan is None:
-            c0, r0, w, h = self.region
-            cols = _offsets(c0, w, self._src_size[0], self._stride[0])
-            rows = _offsets(r0, h, self._src_size[1], self._stride[1])
-            tiles = []
-            for ri, (roff, rh) in enumerate(rows):
-                for ci, (coff, cw) in enumerate(cols):
-                    ring = self._ring(coff, roff, cw, rh)
-                    xs, ys = [x for x, _ in ring], [y for _, y in ring]
-                    tiles.append(Tile(len(tiles), ri, ci, (coff, roff, cw, rh), ring,
-                                      (min(xs), min(ys), max(xs), max(ys))))
-            self._plan = tiles
-        return list(self._plan)
+        """Every window as a list: for small rasters and tests; runs use :meth:`tiles`."""
+        return list(self.tiles())
 
     def read(self, tile: Tile) -> TileImage | None:
         size = self.params.tile_size
@@ -337,12 +412,13 @@ class RasterTiler:
         return TileImage(out, valid_fraction)
 
     def describe(self) -> dict:
-        tiles = self.plan()
+        tiles = self.tiles()
         return {
             "raster": worker_path(self.path),
             "width": self.width,
             "height": self.height,
             "georeferenced": self.georeferenced,
+            "georef_source": self.georef_source,
             "crs_wkt": self.crs_wkt,
             "epsg": self.epsg,
             "transform": list(self.transform)[:6],
@@ -353,8 +429,8 @@ class RasterTiler:
             "source_stride": list(self._stride),
             "resampling": self._resampling.name if self.params.target_resolution else "none",
             "n_tiles": len(tiles),
-            "n_rows": tiles[-1].row + 1,
-            "n_cols": tiles[-1].col + 1,
+            "n_rows": tiles.n_rows,
+            "n_cols": tiles.n_cols,
             "bands": list(self.bands),
             "band_source": self.band_source,
             "alpha_bands": list(self.alpha_bands),

@@ -19,7 +19,8 @@ Modules:
 Contract (search)::
 
     search_store(gpkg, query, k=10, model=None, device=None, min_confidence=None, *, bbox=None, where=None)
-        -> list[SearchHit(tile_id, row, col, score, caption, confidence)]
+        -> list[SearchHit(tile_id, row, col, score, caption, confidence, match_line)]
+    # match_line: the query's "no good match" line (models/match_line.py), None without a scene head
     search_queries(gpkg, [query, ...], k, ...) -> list[list[SearchHit]]   # one model load, same hits as one by one
     load_matrix(gpkg, embed_dim) -> SearchMatrix(tile_ids, vectors float16)   # cached; refresh_stored_matrix(gpkg, dim)
     # worker: {"cmd": "search", "gpkg", "query" | "queries": [...], "k", "min_confidence", "bbox", "where"}

@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..errors import RscaptionError
-from ..limits import bounded_int
+from ..limits import bounded_int, finite_float, unit_fraction
 
 MAX_QUERY_FILE_BYTES = 16 * 1024 * 1024
 
@@ -27,9 +27,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true",
                    help="print JSON: a list of hits, or with --queries a list of {query, hits}")
-    p.add_argument("--min-confidence", type=float, default=None, metavar="C",
+    p.add_argument("--min-confidence", type=unit_fraction, default=None, metavar="C",
                    help="rank only tiles whose caption confidence is at least C (0-1)")
-    p.add_argument("--bbox", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"), default=None,
+    p.add_argument("--bbox", type=finite_float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"), default=None,
                    help="rank only tiles intersecting this box (in the layer's CRS)")
     p.add_argument("--where", metavar="EXPR", default=None,
                    help="rank only tiles matching this SQLite expression over the layer's columns, "
@@ -100,4 +100,20 @@ def run_search(args) -> int:
         for i, h in enumerate(hits, 1):
             conf = f"{h.confidence:5.2f}" if h.confidence is not None else "    -"
             print(f"{i:>4} {h.score:7.4f} {h.tile_id:>6} {h.row:>4} {h.col:>4} {conf}  {h.caption}")
+        note = match_note(hits)
+        if note:
+            print(note)
     return 0
+
+
+def match_note(hits) -> str | None:
+    """One line on the query's "no good match" line (models/match_line.py), None without one: k
+    hits always come back, and a list of weak ones must not read as matches."""
+    line = next((h.match_line for h in hits if h.match_line is not None), None)
+    if line is None:
+        return None
+    good = sum(1 for h in hits if h.score >= line)
+    if not good:
+        return (f"no good match: every hit scores below this query's match line {line:.4f} (what it scores "
+                "on images of unrelated scenes); these are only the closest tiles")
+    return f"{good} of {len(hits)} hits reach this query's match line {line:.4f}; the rest are weak matches"

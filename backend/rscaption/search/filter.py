@@ -14,17 +14,29 @@ queries with the same filter scans the table once.
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import Cancelled, StoreError
 from ..store.gpkg import GEOM, RTREE, TABLE
-from ..store.gpkg_sql import interrupts_deferred, register_functions
+from ..store.gpkg_sql import bounded, register_functions
 from .matrix import SearchMatrix, connect_ro
 
 MASKS_KEPT = 8
 _READABLE = (TABLE, RTREE)
+WHERE_TIMEOUT_S = 30.0  # a filter over 10^6 tiles takes about a second; env RSCAPTION_WHERE_TIMEOUT_S
+
+
+def where_timeout_s() -> float:
+    """How long a filter may run: an expression is the user's own SQL (``WITH RECURSIVE`` without
+    an end never finishes), so it gets a deadline like any other request."""
+    try:
+        value = float(os.environ.get("RSCAPTION_WHERE_TIMEOUT_S") or WHERE_TIMEOUT_S)
+    except ValueError:
+        return WHERE_TIMEOUT_S
+    return value if math.isfinite(value) and value > 0 else WHERE_TIMEOUT_S
 
 
 def check_bbox(bbox) -> tuple[float, float, float, float] | None:
@@ -128,8 +140,9 @@ def filter_sql(where: str | None, bbox, min_confidence: float | None) -> tuple[s
     return sql, params
 
 
-def filtered_ids(path: str, where: str | None, bbox, min_confidence: float | None) -> np.ndarray:
-    """Tile ids passing the filter, evaluated by SQLite on a read-only, read-the-layer-only connection."""
+def filtered_ids(path: str, where: str | None, bbox, min_confidence: float | None, should_cancel=None) -> np.ndarray:
+    """Tile ids passing the filter, evaluated by SQLite on a read-only, read-the-layer-only connection,
+    within :func:`where_timeout_s`; ``should_cancel()`` true (the worker's cancel) stops it too."""
     sql, params = filter_sql(where, bbox, min_confidence)
     conn = connect_ro(path)
     try:
@@ -141,12 +154,20 @@ def filtered_ids(path: str, where: str | None, bbox, min_confidence: float | Non
                               f'ST_MinY("{GEOM}") <= ? AND ST_MaxY("{GEOM}") >= ?')
         conn.set_authorizer(_authorize)
         try:
-            with interrupts_deferred():  # a Ctrl-C after the query, not inside the envelope functions
+            # a Ctrl-C stops the query and is raised after it, not inside the envelope functions
+            with bounded(conn, where_timeout_s(), should_cancel) as bound:
                 cur = conn.execute(sql, params)
                 return np.fromiter((r[0] for r in cur if r[0] is not None), dtype=np.int64)
         except sqlite3.Warning:  # more than one statement
             raise StoreError(f"bad --where expression {where!r}: only one expression is allowed") from None
         except sqlite3.DatabaseError as exc:
+            if bound.why == "cancelled":
+                raise Cancelled("search cancelled") from None
+            if bound.why == "timeout":
+                what = "--where" if where else f"filtering {path}"
+                raise StoreError(f"{what} took longer than {bound.seconds:g} s; simplify the expression (a "
+                                 "WITH RECURSIVE without an end never finishes) or raise "
+                                 "RSCAPTION_WHERE_TIMEOUT_S") from None
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "not authorized" in msg:
                 msg = "it may only read the tiles layer's columns"
@@ -157,7 +178,7 @@ def filtered_ids(path: str, where: str | None, bbox, min_confidence: float | Non
         conn.close()
 
 
-def filter_mask(matrix: SearchMatrix, where: str | None, bbox, min_confidence: float | None):
+def filter_mask(matrix: SearchMatrix, where: str | None, bbox, min_confidence: float | None, should_cancel=None):
     """Boolean [N] over the matrix rows, or None when nothing is filtered; cached per matrix."""
     if not where and not bbox and not min_confidence:
         return None
@@ -165,7 +186,7 @@ def filter_mask(matrix: SearchMatrix, where: str | None, bbox, min_confidence: f
     mask = matrix.masks.get(key)
     if mask is None:
         mask = np.zeros(matrix.rows, dtype=bool)
-        mask[matrix.positions(filtered_ids(matrix.path, where, bbox, min_confidence))] = True
+        mask[matrix.positions(filtered_ids(matrix.path, where, bbox, min_confidence, should_cancel))] = True
         matrix.masks[key] = mask
         while len(matrix.masks) > MASKS_KEPT:
             matrix.masks.popitem(last=False)

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..store.gpkg import TABLE
+from ..store.run_lock import busy_error, is_busy
 
 MATRIX_TABLE = "rscaption_search_matrix"
 META_KEY = "search_matrix"
@@ -237,6 +238,8 @@ def load_matrix(path, dim: int, *, persist_min_rows: int | None = None, quiet_s:
             finally:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
+            if is_busy(exc):  # a writer kept it locked past the busy timeout: not damage
+                raise busy_error(path) from None
             raise StoreError(f"cannot read {path}: the file is damaged ({exc})") from None
         finally:
             conn.close()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,9 +31,15 @@ class SearchHit:
     score: float
     caption: str
     confidence: float | None = None
+    # this query's "no good match" line (models/match_line.py): a score below it is no better than
+    # the query's scores on images of unrelated scenes; None when the model has no reference images
+    match_line: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["match_line"] is None:  # uncalibrated models keep the hit's former shape
+            del data["match_line"]
+        return data
 
 
 def rank(query_embedding: np.ndarray, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,19 +74,20 @@ def model_for_store(store: TileStore, model=None, device=None, text_only: bool =
     else:
         candidates = [str(model)] if model is not None else [meta.get("id"), "default"]
         cap, errors = None, []
-        for name in [c for c in candidates if c]:
+        for name in dict.fromkeys(c for c in candidates if c):  # a file made by 'default': tried once
             try:
                 cap = loader(name, device=device)
             except ModelError as e:
                 errors.append(str(e))
                 continue
             if model is None and want_hash and cap.model_hash != want_hash:
-                errors.append(f"model '{name}' has hash {cap.model_hash[:12]}, the file needs {want_hash[:12]}")
+                errors.append(f"model '{name}' has hash {cap.model_hash[:12]}")  # the needed one is said once
                 cap = None
                 continue
             break
         if cap is None:
-            raise ModelError(f"cannot load the model that made {store.path} ({meta.get('id')}): "
+            made_by = f"{meta.get('id')}, hash {want_hash[:12]}" if want_hash else f"{meta.get('id')}"
+            raise ModelError(f"cannot load the model that made {store.path} ({made_by}): "
                              + "; ".join(errors) + ". Pass --model with that checkpoint")
     if want_hash and cap.model_hash != want_hash:
         raise StoreError(f"{store.path} was made by model {meta.get('id')} ({want_hash[:12]}), "
@@ -101,10 +110,11 @@ def search_store(gpkg_path: str, query: str, k: int = 10, model=None, device=Non
 
 
 def search_queries(gpkg_path: str, queries: list[str], k: int = 10, model=None, device=None,
-                   min_confidence: float | None = None, *, bbox=None, where: str | None = None
-                   ) -> list[list[SearchHit]]:
+                   min_confidence: float | None = None, *, bbox=None, where: str | None = None,
+                   should_cancel=None) -> list[list[SearchHit]]:
     """:func:`search_store` for several queries with one model load and one pass over the matrix;
-    the i-th list answers ``queries[i]`` exactly as a single search would."""
+    the i-th list answers ``queries[i]`` exactly as a single search would. ``should_cancel()`` true
+    (the worker's cancel) stops a running ``where`` filter: Cancelled."""
     from .filter import check_bbox, check_min_confidence, check_where, filter_mask
     from .matrix import load_matrix
 
@@ -118,9 +128,12 @@ def search_queries(gpkg_path: str, queries: list[str], k: int = 10, model=None, 
         raise StoreError(f"{gpkg_path} does not exist")
     min_confidence = check_min_confidence(min_confidence)
     bbox, where = check_bbox(bbox), check_where(where)
+    left = threading.Event()  # the caller is gone (Ctrl-C while the model loads): stop the filter too
+
     def rows():
         matrix = load_matrix(gpkg_path, store.embed_dim)
-        return matrix, filter_mask(matrix, where, bbox, min_confidence)
+        return matrix, filter_mask(matrix, where, bbox, min_confidence,
+                                   lambda: left.is_set() or bool(should_cancel and should_cancel()))
 
     with TileStore.open(gpkg_path, readonly=True) as store:
         if model is not None and not isinstance(model, (str, os.PathLike)):
@@ -132,13 +145,30 @@ def search_queries(gpkg_path: str, queries: list[str], k: int = 10, model=None, 
                     cap, model_error = model_for_store(store, model, device, text_only=True), None
                 except (ModelError, StoreError) as exc:
                     cap, model_error = None, exc
-                matrix, mask = pending.result()
+                except BaseException:  # the pool waits for its thread on the way out: end it now
+                    left.set()
+                    raise
+                try:
+                    matrix, mask = _result(pending)
+                except BaseException:
+                    left.set()
+                    raise
         mask = _without_damaged(matrix, mask, gpkg_path)
         if matrix.rows == 0 or (mask is not None and not mask.any()):
             return [[] for _ in queries]  # nothing to rank: no model needed
         if model_error is not None:
             raise model_error
         return _ranked(store, matrix, mask, cap, queries, k, gpkg_path)
+
+
+def _result(pending):
+    """The future's result, waited for in short steps: a Ctrl-C is often delivered to the thread that
+    runs the query, and a main thread asleep in one long wait would never wake up to raise it."""
+    while True:
+        try:
+            return pending.result(timeout=0.2)
+        except FutureTimeout:
+            continue
 
 
 def _without_damaged(matrix, mask, path):
@@ -169,7 +199,16 @@ def _ranked(store, matrix, mask, cap, queries, k, gpkg_path) -> list[list[Search
     exact = _stored_vectors(store, matrix.tile_ids[np.unique(np.concatenate(picks))])
     ranked = [_rerank(matrix, cand, exact, qv, k) for cand, qv in zip(picks, q)]
     attrs = _attributes(store, sorted({t for hits in ranked for t, _ in hits}))
-    return [[_hit(t, score, attrs.get(t, {})) for t, score in hits] for hits in ranked]
+    lines = _match_lines(cap, q)
+    return [[_hit(t, score, attrs.get(t, {}), line) for t, score in hits] for hits, line in zip(ranked, lines)]
+
+
+def _match_lines(cap, q: np.ndarray) -> list[float | None]:
+    """Each query's "no good match" line from the model's own reference images (None: no scene head)."""
+    from ..models.match_line import match_line_for
+
+    lines = match_line_for(cap)
+    return [None if lines is None else lines.line(v) for v in q]
 
 
 @contextlib.contextmanager
@@ -234,11 +273,11 @@ def _attributes(store: TileStore, tile_ids: list[int]) -> dict[int, dict]:
     return store.tiles_by_id(tile_ids) if tile_ids else {}
 
 
-def _hit(tile_id: int, score: float, t: dict) -> SearchHit:
+def _hit(tile_id: int, score: float, t: dict, match_line: float | None = None) -> SearchHit:
     conf = t.get("confidence")
     return SearchHit(tile_id=int(tile_id), row=_int_or(t.get("row"), -1), col=_int_or(t.get("col"), -1),
                      score=float(score), caption=str(t.get("caption") or ""),
-                     confidence=None if conf is None else float(conf))
+                     confidence=None if conf is None else float(conf), match_line=match_line)
 
 
 def _int_or(value, default: int) -> int:

@@ -4,10 +4,17 @@ Modules:
 
 - ``gpkg.py``: ``TileStore``: the GeoPackage written with sqlite3 (layer ``tiles``, table
   ``rscaption_embeddings``, table ``rscaption_metadata``); incremental, resumable writes
+- ``layers.py``: GeoPackages with polygon layers of any name (core tables, SRS, R-tree and its
+  triggers per layer) for files holding several layers: the change file (``change/store.py``)
 - ``gpkg_sql.py``: the ST_* functions the GeoPackage R-tree triggers call (envelopes from the
   geometry blobs); and ``interrupts_deferred``, which holds a Ctrl-C until the transaction ends
   (SQLite would turn one raised inside these functions into a write error), so a cancel mid-write
-  commits the batch and stays a cancel
+  commits the batch and stays a cancel (a SIGTERM the CLI treats as Ctrl-C too); ``bounded``, a
+  deadline and a cancel check for a statement that could run forever (a user's ``--where``)
+- ``tile_style.py``: the tiles layer's default QGIS style (QML + SLD text, the plugin's look:
+  outlines, low-confidence hatch, caption labels and map tips, two-decimal confidence) written
+  into ``layer_styles`` after every run, and the embeddings/metadata tables registered under the
+  format's own data type so layer lists show ``tiles`` alone
 - ``integrity.py``: what ``TileStore.open`` validates (schema, metadata types, embedding size:
   ``StoreError`` naming the file) and the damaged tiles (no caption, missing or wrong-size
   embedding, NaN or infinite values) that resume redoes

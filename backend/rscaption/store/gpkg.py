@@ -38,6 +38,8 @@ import numpy as np
 from . import integrity as store_check
 from ..errors import StoreError
 from .gpkg_sql import envelope, interrupts_deferred, register_functions
+from .run_lock import busy_error, is_busy
+from .tile_style import hide_internal_tables, write_default_style
 
 GPKG_APPLICATION_ID = 0x47504B47  # "GPKG"
 GPKG_USER_VERSION = 10200
@@ -45,6 +47,7 @@ FORMAT_VERSION = 1
 TABLE, GEOM = "tiles", "geom"
 RTREE = f"rtree_{TABLE}_{GEOM}"
 BUSY_TIMEOUT_S = 30.0
+OPEN_BUSY_S = 5.0  # opening waits this long for another writer's commit, then says the file is busy
 CUSTOM_SRS_ID = 100000
 
 WGS84_WKT = (
@@ -238,6 +241,7 @@ class TileStore:
                 conn.execute("INSERT INTO gpkg_geometry_columns VALUES (?, ?, 'POLYGON', ?, 0, 0)", (TABLE, GEOM, srs_id))
                 conn.execute("INSERT INTO gpkg_extensions VALUES (?, ?, 'gpkg_rtree_index', "
                              "'http://www.geopackage.org/spec120/#extension_rtree', 'write-only')", (TABLE, GEOM))
+                hide_internal_tables(conn)  # QGIS and GDAL list ``tiles`` alone as a layer
                 internal = {"rscaption_format": FORMAT_VERSION, "embed_dim": int(embed_dim), "crs_wkt": crs_wkt,
                             "epsg": epsg, "store_created": now_iso()}
                 cls._write_metadata(conn, {**(metadata or {}), **internal})
@@ -269,23 +273,30 @@ class TileStore:
         return srs_id
 
     @classmethod
-    def open(cls, path, readonly: bool = False) -> "TileStore":
+    def open(cls, path, readonly: bool = False, any_embedding_size: bool = False) -> "TileStore":
+        """``any_embedding_size``: for ``check`` and the writers that redo wrong-size embeddings
+        (``integrity.validate``); a reader keeps the refusal."""
         path = str(path)
         if not os.path.isfile(path):
             raise StoreError(f"GeoPackage not found: {path}")
         conn = None
         try:
             conn = cls._connect(path, readonly)
+            conn.execute(f"PRAGMA busy_timeout = {int(OPEN_BUSY_S * 1000)}")  # a commit takes milliseconds
             (app_id,) = conn.execute("PRAGMA application_id").fetchone()
             names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             needed = {TABLE, "rscaption_embeddings", "rscaption_metadata", "gpkg_geometry_columns"}
             if app_id != GPKG_APPLICATION_ID or not needed <= names:
                 raise StoreError(f"{path} is not an rscaption GeoPackage")
-            meta = store_check.validate(conn, path, TABLE, FORMAT_VERSION)  # types, sizes: one clear line
+            meta = store_check.validate(conn, path, TABLE, FORMAT_VERSION,  # types, sizes: one clear line
+                                        any_embedding_size=any_embedding_size)
             store = cls(conn, path, meta)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
+            if is_busy(exc):  # locked by a writer, not damaged: say who when its lock file tells
+                raise busy_error(path) from None
             raise StoreError(f"{path} is not an rscaption GeoPackage or is damaged ({exc})") from None
         except StoreError:
             conn.close()
@@ -333,8 +344,23 @@ class TileStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
+                if is_busy(exc):
+                    raise busy_error(self.path) from None
                 raise StoreError(f"cannot write to {self.path}: {exc}{_write_hint(exc)}") from None
         return added
+
+    def write_default_style(self) -> None:
+        """The tiles layer's default QGIS style, into the file (``tile_style.py``): a file made by
+        the CLI on a server opens in QGIS as the plugin shows it."""
+        with self._lock, interrupts_deferred():
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                write_default_style(self._conn)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise StoreError(f"cannot write the layer style to {self.path}: {exc}{_write_hint(exc)}") from None
 
     def set_metadata(self, values: dict):
         with self._lock, interrupts_deferred():
@@ -345,6 +371,8 @@ class TileStore:
             except sqlite3.Error as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
+                if is_busy(exc):
+                    raise busy_error(self.path) from None
                 raise StoreError(f"cannot write metadata to {self.path}: {exc}{_write_hint(exc)}") from None
 
     @staticmethod
@@ -360,6 +388,8 @@ class TileStore:
             try:
                 yield
             except sqlite3.DatabaseError as exc:
+                if is_busy(exc):
+                    raise busy_error(self.path) from None
                 raise StoreError(f"cannot read {self.path}: the file is damaged ({exc})") from None
 
     def _one(self, sql, *args):

@@ -2,7 +2,8 @@
 own, a plain sqlite3 connection has none), computed from the geometry blob's envelope.
 
 They run Python inside SQLite, which turns any exception raised there into "user-defined function
-raised exception" and drops it; ``interrupts_deferred`` keeps a Ctrl-C out of them.
+raised exception" and drops it; ``interrupts_deferred`` keeps a Ctrl-C out of them, and
+``bounded`` stops a statement that runs too long or is cancelled (a user's ``--where``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import signal
 import sqlite3
 import struct
 import threading
+import time
+
+from ..errors import raise_interrupted
+
+PROGRESS_STEPS = 10_000  # SQLite steps between two looks at the clock and the cancel flags
 
 
 def envelope(blob) -> tuple[float, float, float, float] | None:
@@ -45,29 +51,72 @@ def _wkb_polygon_envelope(wkb: bytes):
     return min(xs), max(xs), min(ys), max(ys)
 
 
+_HANDLERS = (signal.default_int_handler, raise_interrupted)  # Python's and the CLI's: they raise
+_DEFERRED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Hold a Ctrl-C that arrives inside the block until the block is over, then raise it.
+    """Hold a Ctrl-C (or a SIGTERM the CLI treats as one) that arrives inside the block until the
+    block is over, then deliver it; yields a function that says whether one is being held.
 
     Python runs its SIGINT handler at the next bytecode, which inside a transaction is often one of
     these functions called by an R-tree trigger: SQLite turns the KeyboardInterrupt into "user-defined
     function raised exception", and a cancel would read as a failed write. Held here, the batch
     commits (or fails for its own reason) and the cancel comes after it, so no finished tile is lost.
-    Only the main thread with Python's own handler is concerned: no other thread gets signals, and a
-    host that installed its own handler (QGIS) keeps it.
+    Only the main thread with a handler that raises (Python's own, the CLI's) is concerned: no other
+    thread gets signals, and a host that installed its own handler (QGIS, the worker) keeps it.
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
+    watched = [s for s in _DEFERRED if signal.getsignal(s) in _HANDLERS]
+    if threading.current_thread() is not threading.main_thread() or not watched:
+        yield lambda: False
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in watched}
     try:
-        yield
+        yield lambda: bool(caught)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if caught:
-            raise KeyboardInterrupt
+            previous[caught[0]](caught[0], None)  # raises: KeyboardInterrupt, or Interrupted(signum)
+
+
+class Bound:
+    """Why :func:`bounded` stopped a statement: ``"timeout"``, ``"cancelled"`` or None."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.why: str | None = None
+
+
+@contextlib.contextmanager
+def bounded(conn: sqlite3.Connection, seconds: float, should_cancel=None):
+    """Stop the statements run inside the block after ``seconds``, or as soon as ``should_cancel()``
+    is true or a Ctrl-C/SIGTERM is held; they fail with ``sqlite3.OperationalError: interrupted``
+    and the yielded :class:`Bound` says why (a held signal is raised when the block ends).
+
+    Why: a user's expression runs inside SQLite, where Python never gets control back: ``WITH
+    RECURSIVE`` without an end spins at 100 % CPU forever, and neither Ctrl-C (held until the block
+    ends, see :func:`interrupts_deferred`) nor the worker's cancel could reach it. SQLite's progress
+    handler is called every few thousand virtual-machine steps, so it looks at the clock and the
+    flags well under a millisecond apart.
+    """
+    bound = Bound(seconds)
+    deadline = time.monotonic() + seconds
+    with interrupts_deferred() as interrupted:
+        def check() -> int:
+            if interrupted() or (should_cancel is not None and should_cancel()):
+                bound.why = "cancelled"
+            elif time.monotonic() > deadline:
+                bound.why = "timeout"
+            return 1 if bound.why else 0
+
+        conn.set_progress_handler(check, PROGRESS_STEPS)
+        try:
+            yield bound
+        finally:
+            conn.set_progress_handler(None, PROGRESS_STEPS)
 
 
 def _coordinate(index):

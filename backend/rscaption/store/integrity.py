@@ -8,7 +8,8 @@ not an ``AttributeError`` three calls later, and resuming must never count a dam
 * :func:`validate` runs inside ``TileStore.open``: schema, metadata types, embedding size;
   whole-file faults raise :class:`StoreError`.
 * :func:`damaged_tiles` lists per-tile faults (NULL/empty caption, missing or wrong-size
-  embedding, an embedding with NaN or infinite values); ``rscaption check`` reports them and the pipeline redoes them on resume
+  embedding, an embedding with NaN or infinite values, a tile id on several rows, an embedding
+  whose tile row was deleted); ``rscaption check`` reports them and the pipeline redoes them on resume
   (:func:`drop_damaged` deletes them so they are captioned again, not counted as resumed).
 """
 
@@ -23,7 +24,7 @@ from ..errors import StoreError
 # Metadata keys whose value must be a JSON object when present; the second set may also be null
 # (``tile_footprint`` is null for runs that did not choose the tile size, ``last_run`` before one ends).
 OBJECT_KEYS = ("model", "source_raster", "software")
-OBJECT_OR_NULL_KEYS = ("tiling", "tiling_params", "tile_footprint", "last_run")
+OBJECT_OR_NULL_KEYS = ("tiling", "tiling_params", "tile_footprint", "last_run", "caption_options")
 TILE_COLUMNS = {"fid", "tile_id", "row", "col", "caption", "confidence", "tile_key"}
 
 
@@ -54,8 +55,12 @@ def read_metadata(conn: sqlite3.Connection, path: str) -> dict:
     return out
 
 
-def validate(conn: sqlite3.Connection, path: str, table: str, format_version: int) -> dict:
-    """Check what every reader relies on; returns the metadata. Raises StoreError naming the fault."""
+def validate(conn: sqlite3.Connection, path: str, table: str, format_version: int,
+             any_embedding_size: bool = False) -> dict:
+    """Check what every reader relies on; returns the metadata. Raises StoreError naming the fault.
+    ``any_embedding_size``: for ``check`` and the writers that redo wrong-size embeddings as damage
+    (resume, repair), so a file whose every embedding was truncated can be repaired, not only
+    overwritten; a reader (search) still refuses it."""
     missing = TILE_COLUMNS - _columns(conn, table)
     if missing:
         raise StoreError(f"{path}: layer '{table}' lacks column(s) {', '.join(sorted(missing))}")
@@ -79,6 +84,8 @@ def validate(conn: sqlite3.Connection, path: str, table: str, format_version: in
     # Not one vector of the declared size: a foreign or rewritten file. EXISTS stops at the first
     # good row, so opening a 10^6-tile file does not read every embedding; the sizes are only
     # counted for the message.
+    if any_embedding_size:
+        return meta
     (good,) = conn.execute("SELECT EXISTS (SELECT 1 FROM rscaption_embeddings WHERE length(embedding) = ?)",
                            (4 * dim,)).fetchone()
     sizes = {} if good else dict(conn.execute("SELECT length(embedding), count(*) FROM rscaption_embeddings GROUP BY 1"))
@@ -89,7 +96,7 @@ def validate(conn: sqlite3.Connection, path: str, table: str, format_version: in
 
 
 def damaged_tiles(conn: sqlite3.Connection, table: str, embed_dim: int) -> list[Damage]:
-    """Tiles a resume must not trust, ordered by tile_id."""
+    """Tiles a resume must not trust, ordered by tile_id, one entry per tile id (its first fault)."""
     rows = conn.execute(
         f'SELECT t.tile_id, t.tile_key, t.caption, e.tile_id IS NOT NULL, length(e.embedding) '
         f'FROM "{table}" t LEFT JOIN rscaption_embeddings e ON e.tile_id = t.tile_id '
@@ -105,7 +112,24 @@ def damaged_tiles(conn: sqlite3.Connection, table: str, embed_dim: int) -> list[
             reason = f"embedding has {nbytes // 4} values, not {embed_dim}"
         out.append(Damage(int(tile_id), key, reason))
     out += nonfinite_embeddings(conn, table, embed_dim)
-    return sorted(out, key=lambda d: d.tile_id)
+    out += lost_rows(conn, table)
+    first = {}
+    for d in out:
+        first.setdefault(d.tile_id, d)
+    return sorted(first.values(), key=lambda d: d.tile_id)
+
+
+def lost_rows(conn: sqlite3.Connection, table: str) -> list[Damage]:
+    """Rows that break the one-row-one-embedding pairing: a tile id on several rows (search and
+    ``similar`` would show the tile twice with one vector) and an embedding whose tile row was
+    deleted (the tile is gone from the layer and from search, yet the file still holds it). Both
+    are redone whole: their rows and embedding dropped, the pipeline captions the tile again."""
+    dup = conn.execute(f'SELECT tile_id, min(tile_key), count(*) FROM "{table}" '
+                       "GROUP BY tile_id HAVING count(*) > 1").fetchall()
+    out = [Damage(int(t), key, f"{n} rows with this tile id") for t, key, n in dup]
+    orphans = conn.execute(f'SELECT e.tile_id FROM rscaption_embeddings e WHERE NOT EXISTS '
+                           f'(SELECT 1 FROM "{table}" t WHERE t.tile_id = e.tile_id)').fetchall()
+    return out + [Damage(int(t), None, "tile row deleted, its embedding left") for (t,) in orphans]
 
 
 def nonfinite_embeddings(conn: sqlite3.Connection, table: str, embed_dim: int, batch: int = 8192) -> list[Damage]:

@@ -4,8 +4,9 @@ Why SQLite's own locking is not enough: every batch is its own short transaction
 one output would interleave their batches, and a second run with ``--overwrite`` would delete the
 file under the first. The lock is an OS lock on the lock file (``flock`` on POSIX, ``msvcrt`` on
 Windows), which the kernel drops when its holder dies: a run killed with ``kill -9`` never leaves a
-lock that blocks the next run, whatever PID the stale file still names. The PID, host and start
-time in the file only tell the refused user who holds it.
+lock that blocks the next run, whatever PID the stale file still names. The PID, host, start
+time and command in the file only tell the refused user who holds it, and a reader that finds the
+GeoPackage locked by a writer who is writing it (:func:`busy_error`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import errno
 import json
 import os
 import socket
+import sqlite3
+import sys
 
 from ..errors import StoreError
 
@@ -91,6 +94,68 @@ def describe_holder(holder: dict) -> str:
     return f"pid {pid}{where} since {since}" if pid else "a process that did not say who it is"
 
 
+def _running_here(pid) -> bool:
+    """Whether ``pid`` is a live process of this machine (signal 0 only asks; on Windows
+    ``os.kill`` would end it, so there the lock file's word is taken)."""
+    if fcntl is None:
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # alive, someone else's
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def live_holder(out_gpkg) -> dict | None:
+    """What the lock file says of a run still writing ``out_gpkg`` (None: no such run), read without
+    taking the lock: a reader holding it even briefly could make a starting writer refuse."""
+    try:
+        with open(lock_path(out_gpkg), "rb") as fh:
+            holder = json.loads(fh.read(4096).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return None
+    if holder.get("host") not in (None, socket.gethostname()):
+        return holder  # another machine's process: cannot be asked, take the file's word
+    return holder if _running_here(holder["pid"]) else None
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds a lock the busy timeout did not
+    outlast (``database is locked``), which is not damage."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
+def busy_error(out_gpkg) -> StoreError:
+    """The one line for a GeoPackage another process keeps locked, naming it when it is an
+    rscaption run (its lock file); otherwise it is some other program writing the file."""
+    holder = live_holder(out_gpkg)
+    if holder:
+        command = f", {holder['command']}" if isinstance(holder.get("command"), str) else ""
+        who = f"rscaption run {describe_holder(holder)}{command}"
+    else:
+        who = "not an rscaption run: QGIS saving edits to the layer, a sqlite client, another tool"
+    return StoreError(f"{out_gpkg} is busy: another process is writing it ({who}); "
+                      "try again when it has finished")
+
+
+def _command_line() -> str:
+    """This process's command line, shortened, for the lock file: which run it is."""
+    argv = list(getattr(sys, "argv", None) or [""])  # an embedded interpreter (QGIS) may have none
+    prog = os.path.basename(str(argv[0])) or "python"
+    prog = {"cli.py": "rscaption", "worker.py": "rscaption serve"}.get(prog, prog)
+    text = " ".join([prog] + [str(a) for a in argv[1:]])
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 class RunLock:
     """Context manager: ``with RunLock(out):`` refuses with one StoreError line while another live
     run holds ``out``; a lock left by a dead process is taken over."""
@@ -132,7 +197,8 @@ class RunLock:
             raise StoreError(f"cannot lock {self.out}: its lock file {self.path} keeps changing")
         self.previous = _read_holder(fd)
         me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": _command_line()}
         os.lseek(fd, 0, os.SEEK_SET)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(me).encode("utf-8"))

@@ -104,11 +104,14 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_train(args) -> int:
     try:
         cfg = load_config(args.config)
+        if not isinstance(cfg.get("data"), dict):  # every stage reads it: one line, not a KeyError
+            raise TrainError(f"{args.config}: no 'data' section (the caption sets to train on; "
+                             "see configs/default.yaml)")
         if getattr(args, "no_export", False):
             cfg["_no_export_copy"] = True
         state = train(cfg, args.out, args.resume, args.stages, progress=not getattr(args, "no_progress", False))
     except RscaptionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"rscaption: error: {exc}", file=sys.stderr)  # the CLI's prefix, as every subcommand
         return 2
     print(json.dumps({k: v for k, v in state.get("done", {}).items()}, indent=2, default=str))
     return 0
