@@ -236,5 +236,6 @@ def test_real_qgis_desktop_no_crs_refused_run_and_resume(geotiff, tmp_path):
 
     warning, critical = 1, 2  # Qgis.MessageLevel
     problems = [m for m in result["log"] if m[1] in (warning, critical) and not m[2].startswith("captioning failed:")
-                and m[0] != "Messages"]  # the bar repeats its messages under "Messages"
+                and m[0] not in ("Messages", "Network")]  # the bar repeats its messages under "Messages";
+    # "Network": QGIS 3.44 fetches its plugin repository/news at start and a machine without network says so
     assert problems == [], problems
