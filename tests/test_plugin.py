@@ -109,13 +109,14 @@ def test_caption_task_produces_layer(plugin, geotiff, tiny, tmp_path):
 
 def test_cancel_keeps_finished_tiles(plugin, geotiff, tiny, tmp_path):
     out = tmp_path / "cancelled.gpkg"
-    run = plugin.start_caption(caption_request(geotiff("RGB.byte.tif"), out, tiny, tile_size=64, batch_size=4))
+    # 16 px tiles one per batch: ~2,000 commits, so the cancel lands mid-run even on a fast, idle CPU
+    run = plugin.start_caption(caption_request(geotiff("RGB.byte.tif"), out, tiny, tile_size=16, batch_size=1))
     assert wait_until(lambda: run.tiles_seen > 0 or run.done, 120)
     run.cancel()
     assert wait_until(lambda: run.done, 120)
     assert run.outcome.cancelled and not run.outcome.ok
     kept = gpkg_tile_count(out)
-    assert 0 < kept < 12 * 12  # 791x718 px at 64 px -> 13x12 windows; most never ran
+    assert 0 < kept < 45 * 50 // 2  # 791x718 px at 16 px -> 50x45 windows; most never ran
     assert run.layer is not None and run.layer.featureCount() == kept
 
 
@@ -124,8 +125,9 @@ def test_killed_backend_fails_clearly_and_keeps_tiles(plugin, geotiff, tiny, tmp
     from rscaption_plugin.core.backend_client import POOL
 
     out = tmp_path / "killed.gpkg"
+    # 16 px tiles one per batch (~2,000 commits): the backend is still busy when it is killed
     request = caption_request(geotiff("RGB.byte.tif"), out, tiny, mode="subprocess", python=sys.executable,
-                              tile_size=64, batch_size=4)
+                              tile_size=16, batch_size=1)
     run = plugin.start_caption(request)
     assert wait_until(lambda: run.tiles_seen > 0 or run.done, 180)
     busy = [c for c in POOL.clients() if c.lock.locked() and c.alive()]

@@ -239,8 +239,9 @@ def test_a_cancel_is_reported_on_top_not_under_task_complete(plugin, geotiff, ti
 
     QgsApplication.taskManager().statusChanged.connect(announce)
     try:
+        # 16 px tiles one per batch: ~2,000 commits, so the cancel lands mid-run even on a fast CPU
         run = plugin.start_caption(caption_request(geotiff("RGB.byte.tif"), tmp_path / "cancelled.gpkg", tiny,
-                                                   tile_size=64, batch_size=4))
+                                                   tile_size=16, batch_size=1))
         assert wait_until(lambda: run.tiles_seen > 0 or run.done, 120)
         run.cancel()
         assert wait_until(lambda: run.done, 120)

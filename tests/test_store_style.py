@@ -227,7 +227,7 @@ def test_search_says_no_good_match_for_houses_on_a_farm(farm, cli_made):
     assert last.startswith("no good match: every hit scores below this query's match line")
     r = cli("search", farm, "farmland", "-k", 10)
     assert r.returncode == 0, r.stderr
-    assert re.fullmatch(r"10 of 10 hits reach this query's match line 0\.\d{4}; the rest are weak matches",
+    assert re.fullmatch(r"all 10 hits reach this query's match line 0\.\d{4}",
                         r.stdout.strip().splitlines()[-1])
     r = cli("search", farm, "houses", "-k", 3, "--json")
     hits = json.loads(r.stdout)

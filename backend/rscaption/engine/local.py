@@ -168,6 +168,8 @@ def run_batches(read: Callable, tiles: Iterable, batch_size: int, step: Callable
 
     threads = [threading.Thread(target=reader, name="rscaption-reader", daemon=True)]
     threads += [threading.Thread(target=worker, name=f"rscaption-worker-{i}", daemon=True) for i in range(workers)]
+    if should_cancel and should_cancel():  # cancelled before the first read: nothing read, nothing written
+        return True
     for t in threads:
         t.start()
     pending: dict[int, tuple] = {}

@@ -116,4 +116,6 @@ def match_note(hits) -> str | None:
     if not good:
         return (f"no good match: every hit scores below this query's match line {line:.4f} (what it scores "
                 "on images of unrelated scenes); these are only the closest tiles")
+    if good == len(hits):
+        return f"all {good} hits reach this query's match line {line:.4f}"
     return f"{good} of {len(hits)} hits reach this query's match line {line:.4f}; the rest are weak matches"
