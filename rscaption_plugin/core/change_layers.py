@@ -23,9 +23,8 @@ from qgis.core import (
     QgsVectorLayerSimpleLabeling,
 )
 from qgis.PyQt.QtGui import QColor
-from qgis.PyQt.QtXml import QDomDocument
 
-from .layers import caption_label_settings, gpkg_path_of, label_scale, outline_symbol, same_file
+from .layers import caption_label_settings, gpkg_path_of, label_scale, outline_symbol, same_file, save_style_row
 
 CHANGE_LAYER = "changes"
 BEFORE_LAYER, AFTER_LAYER = "tiles_before", "tiles_after"
@@ -143,45 +142,8 @@ def store_change_style(gpkg: str) -> str | None:
     gives (OGR's update-mode open waits behind a reader's connection)."""
     if not has_change_table(gpkg):
         return "no changes table yet"
-    layer = QgsVectorLayer(change_uri(gpkg), STYLE_NAME, "ogr")
-    if not layer.isValid():
-        return f"cannot open {gpkg}"
-    apply_change_style(layer)
-    doc = QDomDocument()
-    error = layer.exportNamedStyle(doc)
-    del layer
-    if error:
-        return error
-    try:
-        con = sqlite3.connect(gpkg, timeout=10)
-        try:
-            with con:
-                _write_style_row(con, doc.toString())
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        return str(exc)
-    return None
-
-
-def _write_style_row(con, qml: str) -> None:
-    con.execute("CREATE TABLE IF NOT EXISTS layer_styles (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                "f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256), "
-                "f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT, "
-                "useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30), "
-                "update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))")
-    con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, last_change) "
-                "VALUES ('layer_styles', 'attributes', 'layer_styles', strftime('%Y-%m-%dT%H:%M:%fZ','now'))")
-    row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?",
-                      (CHANGE_LAYER,)).fetchone()
-    geom = row[0] if row else "geom"
-    con.execute("UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ?", (CHANGE_LAYER,))
-    con.execute("DELETE FROM layer_styles WHERE f_table_name = ? AND styleName = ?", (CHANGE_LAYER, STYLE_NAME))
-    con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
-                "styleName, styleQML, styleSLD, useAsDefault, description, owner, ui) "
-                "VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '')",
-                (CHANGE_LAYER, geom, STYLE_NAME, qml, "rscaption: tiles coloured by change score, both "
-                 "dates' captions in the map tip"))
+    return save_style_row(gpkg, change_uri(gpkg), CHANGE_LAYER, STYLE_NAME, apply_change_style,
+                          "rscaption: tiles coloured by change score, both dates' captions in the map tip")
 
 
 def count_rows(gpkg: str, table: str) -> int:

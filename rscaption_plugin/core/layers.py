@@ -235,10 +235,18 @@ def store_default_style(gpkg: str) -> str | None:
     waited forever behind the run layer's own connection to the same file."""
     if not has_tile_table(gpkg):
         return "no tiles table yet"
-    layer = QgsVectorLayer(layer_uri(gpkg), STYLE_NAME, "ogr")
+    return save_style_row(gpkg, layer_uri(gpkg), TILE_LAYER, STYLE_NAME, apply_default_style,
+                          "rscaption: tile outlines, low-confidence tiles marked, captions as map tips and labels")
+
+
+def save_style_row(gpkg: str, uri: str, table: str, style_name: str, apply, description: str) -> str | None:
+    """Style a throwaway layer on ``uri`` with ``apply`` and store its QML as ``table``'s default
+    style row (replacing an earlier row of ``style_name``; a user's own styles stay, no longer
+    default). Returns an error message, or None."""
+    layer = QgsVectorLayer(uri, style_name, "ogr")
     if not layer.isValid():
         return f"cannot open {gpkg}"
-    apply_default_style(layer)
+    apply(layer)
     doc = QDomDocument()
     error = layer.exportNamedStyle(doc)
     del layer
@@ -248,7 +256,7 @@ def store_default_style(gpkg: str) -> str | None:
         con = sqlite3.connect(gpkg, timeout=10)
         try:
             with con:
-                _write_style_row(con, doc.toString())
+                _write_style_row(con, doc.toString(), table, style_name, description)
         finally:
             con.close()
     except sqlite3.Error as exc:
@@ -256,7 +264,7 @@ def store_default_style(gpkg: str) -> str | None:
     return None
 
 
-def _write_style_row(con, qml: str) -> None:
+def _write_style_row(con, qml: str, table: str, style_name: str, description: str) -> None:
     con.execute("CREATE TABLE IF NOT EXISTS layer_styles (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                 "f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256), "
                 "f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT, "
@@ -264,15 +272,14 @@ def _write_style_row(con, qml: str) -> None:
                 "update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))")
     con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, last_change) "
                 "VALUES ('layer_styles', 'attributes', 'layer_styles', strftime('%Y-%m-%dT%H:%M:%fZ','now'))")
-    row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (TILE_LAYER,)).fetchone()
+    row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (table,)).fetchone()
     geom = row[0] if row else "geom"
-    con.execute("UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ?", (TILE_LAYER,))
-    con.execute("DELETE FROM layer_styles WHERE f_table_name = ? AND styleName = ?", (TILE_LAYER, STYLE_NAME))
+    con.execute("UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ?", (table,))
+    con.execute("DELETE FROM layer_styles WHERE f_table_name = ? AND styleName = ?", (table, style_name))
     con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
                 "styleName, styleQML, styleSLD, useAsDefault, description, owner, ui) "
                 "VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '')",
-                (TILE_LAYER, geom, STYLE_NAME, qml, "rscaption: tile outlines, low-confidence tiles marked, "
-                 "captions as map tips and labels"))
+                (table, geom, style_name, qml, description))
 
 
 #: Alpha of the canvas selection colour while search hits are selected (0-255).
